@@ -1,0 +1,5 @@
+import sys
+
+from hangkit.cli import main
+
+sys.exit(main())

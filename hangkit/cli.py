@@ -1,0 +1,103 @@
+"""The `hangkit` command. Exit codes: 0 ok, 1 failure, 2 bad usage, 124 a hang was caught
+(watch), otherwise the watched command's own exit code."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from hangkit import __version__
+from hangkit.errors import HangkitError, UsageError
+
+DEFAULT_TIMEOUT = 600.0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but bad usage raises UsageError so main() reports it in one line, exit 2."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"not a finite number of seconds: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hangkit", description="Catch, locate and explain hangs in "
+                     "distributed PyTorch training.")
+    parser.add_argument("--version", action="version", version=f"hangkit {__version__}")
+    sub = parser.add_subparsers(dest="command_name", metavar="COMMAND", parser_class=_Parser)
+
+    w = sub.add_parser("watch", help="run a command; on a hang, record where every process is "
+                       "stuck, then end it", description="Run COMMAND, passing its output "
+                       "through. When it prints nothing for --timeout seconds, capture every "
+                       "process's stacks, write hang-report.json and hang-report.md, print a "
+                       "summary, end the job and exit 124.")
+    w.add_argument("--timeout", type=_seconds, default=None, metavar="S",
+                   help="seconds without output that count as a hang (default: $HANG_TIMEOUT, "
+                   f"else {DEFAULT_TIMEOUT:g})")
+    w.add_argument("--grace", type=_seconds, default=30.0, metavar="S",
+                   help="seconds between SIGTERM and SIGKILL (default: 30)")
+    w.add_argument("--report-dir", type=Path, default=None, metavar="DIR",
+                   help="where reports go (default: a new directory under the current one)")
+    w.add_argument("--setup-env", action=argparse.BooleanOptionalAction, default=True,
+                   help="set PYTHONUNBUFFERED, OMP_NUM_THREADS, WANDB_SILENT and a short TMPDIR "
+                   "for the command (default: on)")
+    w.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+
+    d = sub.add_parser("demo", help="the main job: a 4-rank training run where rank 2 wanders "
+                       "off, caught by hangkit watch")
+    d.add_argument("--ranks", type=int, default=4, help="MPI ranks to start (default: 4)")
+    d.add_argument("--timeout", type=_seconds, default=6.0, metavar="S",
+                   help="watch's timeout for the demo (default: 6)")
+    return parser
+
+
+def _watch(args) -> int:
+    from hangkit.monitor.watch import WatchOptions, watch
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    timeout = args.timeout
+    if timeout is None:
+        env_value = os.environ.get("HANG_TIMEOUT")
+        try:
+            timeout = float(env_value) if env_value else DEFAULT_TIMEOUT
+        except ValueError:
+            raise UsageError(f"HANG_TIMEOUT is not a number of seconds: {env_value!r}") from None
+    return watch(WatchOptions(command=command, timeout=timeout, grace=args.grace,
+                              report_dir=args.report_dir, setup_env=args.setup_env))
+
+
+def _demo(args) -> int:
+    from hangkit.demo import run_demo
+
+    return run_demo(ranks=args.ranks, timeout=args.timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command_name == "watch":
+            return _watch(args)
+        if args.command_name == "demo":
+            return _demo(args)
+        build_parser().print_help(sys.stderr)
+        return 2
+    except HangkitError as e:
+        print(f"hangkit: error: {e.one_line()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The main job: a real 4-rank gloo training run in which rank 2 wanders off, caught by watch.
+
+Ranks 0, 1 and 3 wait in the gradient all-reduce while rank 2 is stuck writing a checkpoint
+(an open() that never returns, as on a hung shared filesystem). `hangkit watch` notices the
+silence, captures every rank, and explains it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+from hangkit.errors import HangkitError
+from hangkit.monitor.watch import HANG_EXIT, WatchOptions, say, watch
+
+WANDERING_RANK = 2
+
+
+def find_mpiexec() -> str:
+    beside = Path(sys.executable).with_name("mpiexec")
+    found = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if not found:
+        raise HangkitError("mpiexec not found",
+                           hint="install the local-mpi extra: pip install 'hangkit[local-mpi]'")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_demo(*, ranks: int = 4, timeout: float = 6.0) -> int:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise HangkitError("the demo trains with torch, which is not installed",
+                           hint="pip install 'hangkit[torch]'") from None
+    if ranks <= WANDERING_RANK:
+        raise HangkitError(f"--ranks must be at least {WANDERING_RANK + 1}, got {ranks}")
+    workdir = tempfile.mkdtemp(prefix="hk-demo-")
+    report_dir = Path.cwd() / "hangkit-demo-report"
+    shutil.rmtree(report_dir, ignore_errors=True)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                      HANGKIT_DEMO_DIR=workdir)
+    command = [find_mpiexec(), "-n", str(ranks), sys.executable, "-m", "hangkit.demo.train"]
+    say(f"demo: {ranks} ranks train with gloo; rank {WANDERING_RANK} will wander off")
+    try:
+        code = watch(WatchOptions(command=command, timeout=timeout, grace=5.0,
+                                  report_dir=report_dir))
+        if code != HANG_EXIT:
+            say(f"demo: expected the hang to be caught (exit {HANG_EXIT}), got exit {code}")
+            return 1
+        report = json.loads((report_dir / "hang-report.json").read_text())
+        named = any(WANDERING_RANK in d["ranks"] and d["kind"] in ("TD-01", "MP-02")
+                    for d in report["diagnosis"])
+        if not named:
+            say(f"demo: the diagnosis did not name rank {WANDERING_RANK}")
+            return 1
+        say(f"demo: caught; the diagnosis names rank {WANDERING_RANK}")
+        return 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

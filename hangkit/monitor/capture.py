@@ -1,0 +1,129 @@
+"""Capturing a job's processes at one moment: stacks, blocked or busy, syscall, role and rank.
+
+All py-spy dumps run concurrently and overlap the CPU sampling interval, so capturing many ranks
+costs about as long as the slowest dump, not their sum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from hangkit.monitor import pyspy
+from hangkit.monitor.procfs import blocked_syscall, kernel_state, rank_from_environ, read_environ
+from hangkit.monitor.roles import assign_roles
+from hangkit.records import ProcessSnapshot
+
+# A process using more than this share of one core between two samples is busy, not blocked.
+BUSY_CPU_PERCENT = 25.0
+
+
+@dataclass
+class _Pending:
+    snapshot: ProcessSnapshot
+    proc: psutil.Process | None
+    cpu_before: float | None
+    dump: object = None
+
+
+def capture(pids: list[int], *, sample_interval: float = 0.5, timeout: float = 10.0,
+            clock=time.monotonic) -> list[ProcessSnapshot]:
+    """Snapshots of pids. Never raises for a process that vanishes or cannot be read."""
+    deadline = clock() + timeout
+    pending = [_start(pid) for pid in pids]
+    started = clock()
+    for p in pending:
+        if p.proc is not None and _wants_stacks(p.snapshot, p.proc):
+            p.dump = pyspy.start_dump(p.snapshot.pid)
+    remaining = sample_interval - (clock() - started)
+    if remaining > 0:
+        time.sleep(remaining)  # the sampling interval itself: CPU time is measured across it
+    wall = max(clock() - started, 1e-3)
+    for p in pending:
+        _finish_cpu(p, wall)
+    for p in pending:
+        if p.dump is not None:
+            result = pyspy.finish_dump(p.dump, p.snapshot.pid,
+                                       timeout=max(deadline - clock(), 0.1))
+            if result.error and result.error.startswith("py-spy failed") and not result.gone:
+                result = pyspy.dump(p.snapshot.pid, timeout=max(deadline - clock(), 0.1))
+            p.snapshot.threads = result.threads
+            p.snapshot.stack_error = result.error
+            if result.gone:
+                p.snapshot.state = "exited"
+    snapshots = [p.snapshot for p in pending]
+    ranks = {p.snapshot.pid: p.snapshot.rank for p in pending}
+    assign_roles(snapshots, ranks)
+    return snapshots
+
+
+def _start(pid: int) -> _Pending:
+    snap = ProcessSnapshot(pid=pid, ppid=None, rank=None, role="other", cmdline=[],
+                           state="unreadable")
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            snap.ppid = proc.ppid()
+            snap.cmdline = proc.cmdline()
+            times = proc.cpu_times()
+        snap.rank = rank_from_environ(read_environ(pid))
+        snap.session_id = _session(pid)
+        return _Pending(snap, proc, times.user + times.system)
+    except psutil.NoSuchProcess:
+        snap.state, snap.note = "exited", "exited before capture"
+    except psutil.AccessDenied as e:
+        snap.note = f"not readable: {e}"
+    return _Pending(snap, None, None)
+
+
+def _finish_cpu(p: _Pending, wall: float) -> None:
+    if p.proc is None:
+        return
+    s = p.snapshot
+    try:
+        times = p.proc.cpu_times()
+        if p.proc.status() == psutil.STATUS_ZOMBIE:
+            s.state, s.note = "exited", "exited during capture (zombie)"
+            return
+    except psutil.NoSuchProcess:
+        s.state, s.note = "exited", "exited during capture"
+        return
+    except psutil.AccessDenied as e:
+        s.note = f"not readable: {e}"
+        return
+    s.cpu_percent = round(100.0 * (times.user + times.system - p.cpu_before) / wall, 1)
+    s.state = "busy" if s.cpu_percent >= BUSY_CPU_PERCENT else "blocked"
+    s.kernel_state = kernel_state(s.pid)
+    s.syscall = blocked_syscall(s.pid)
+
+
+def _wants_stacks(snapshot: ProcessSnapshot, proc: psutil.Process) -> bool:
+    """py-spy only on processes that run Python: mpiexec or a shell has no Python stack."""
+    names = [snapshot.cmdline[0] if snapshot.cmdline else ""]
+    with contextlib.suppress(psutil.Error):
+        names.append(proc.exe())
+    if any(os.path.basename(n).startswith("python") for n in names):
+        return True
+    if _maps_libpython(snapshot.pid):
+        return True
+    snapshot.stack_error = "not a Python process"
+    return False
+
+
+def _maps_libpython(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return any("libpython" in line for line in f)
+    except OSError:
+        return False
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None

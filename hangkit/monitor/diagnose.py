@@ -1,0 +1,299 @@
+"""Diagnosis rules over captured stacks. Each rule is a pure function of the snapshots.
+
+Summaries name ranks, pids, files and lines; advice comes from the troubleshooting table users
+already know (the hang catalogue: DL-01, TD-01, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from hangkit.monitor.collectives import Collective, collective_of
+from hangkit.monitor.merge import format_ranks, rank_processes, who
+from hangkit.monitor.stacks import (
+    bare_name,
+    innermost_python_frame,
+    is_user_frame,
+    main_location,
+    short_path,
+    source_line,
+    where,
+)
+from hangkit.records import Diagnosis, ProcessSnapshot
+
+ADVICE = {
+    "TD-01": ("Every rank must call the same collectives in the same order. Move rank-only work "
+              "(evaluation, checkpointing, logging) out of the collective sequence, or make every "
+              "rank take part; guard rank-0-only code so it never contains a collective."),
+    "TD-02": ("Collectives must match in op, order and shape on every rank. Look for "
+              "rank-dependent branches around these calls; TORCH_DISTRIBUTED_DEBUG=DETAIL reports "
+              "mismatches on the next run."),
+    "MP-02": ("Every rank of the communicator must call the same MPI collectives in the same "
+              "order. Look for rank-dependent branches or early returns before this call."),
+    "all-in-collective": ("Every rank seen here waits in the same collective: a rank that is not "
+                          "on this node, or one that died, never joined. Check the other nodes' "
+                          "logs, the launcher's rank count, and the network (NCCL_DEBUG=INFO)."),
+    "TD-05": ("Rendezvous did not complete. Check that MASTER_ADDR is the first host of the job "
+              "(PBS_NODEFILE), that MASTER_PORT is free (a port held by an earlier run gives "
+              "EADDRINUSE), and that WORLD_SIZE equals the number of ranks launched."),
+    "WJ-01": ("A tracker or service is waiting on a network the compute node cannot reach. Set "
+              "WANDB_MODE=offline (sync later with `wandb sync`), or configure the proxy, and run "
+              "tracker init under a deadline so training continues without it."),
+    "network-wait": ("A process waits on a network peer that does not answer. Check that the "
+                     "address is reachable from the compute node and set a timeout on the call."),
+    "slow-filesystem": ("I/O on a shared filesystem is stalled or very slow. Stage data to "
+                        "node-local storage or /dev/shm, avoid many small files, and give "
+                        "DataLoader a timeout so a stalled read fails instead of hanging."),
+    "DL-01": ("A DataLoader worker is stuck in the dataset code. Fix the blocking call it "
+              "shows (I/O on a hung filesystem, an endless loop); pass timeout= to DataLoader so "
+              "the next stall raises instead of hanging silently."),
+    "DL-04": ("A process forked while another thread held a lock, so the lock is never released "
+              "in the child. Use the spawn or forkserver start method "
+              "(DataLoader(multiprocessing_context='spawn')), or start threads only after "
+              "workers exist; set OMP_NUM_THREADS=1."),
+    "IP-04": ("The process is running, not deadlocked. If it should be advancing, it may be slow: "
+              "check oversubscription (ranks x DataLoader workers vs cores), OMP_NUM_THREADS, "
+              "and CPU binding (mpiexec --depth/--cpu-bind); if it loops, the stack shows where."),
+    "unknown": ("No known hang pattern matched. The groups and the merged tree show where each "
+                "rank stands; compare them with what the ranks should be doing."),
+}
+
+_RENDEZVOUS_FUNCTIONS = frozenset({
+    "init_process_group", "rendezvous", "_create_c10d_store", "_store_based_barrier",
+    "_env_rendezvous_handler", "_tcp_rendezvous_handler", "TCPStore", "wait_for_workers",
+    "_barrier",
+})
+_DATALOADER_WAIT = frozenset({"_next_data", "_get_data", "_try_get_data", "__next__"})
+_NET_FILES = ("/socket.py", "/ssl.py", "/http/client.py", "/urllib3/", "/requests/", "/httpx/")
+_NET_SYSCALLS = frozenset({"connect", "recvfrom", "recvmsg", "accept", "accept4"})
+_FILE_SYSCALLS = frozenset({"read", "pread64", "readv", "preadv", "open", "openat", "stat",
+                            "lstat", "newfstatat", "statx", "fsync", "fdatasync", "getdents64"})
+
+
+def diagnose(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
+    found: list[Diagnosis] = []
+    for rule in RULES:
+        found.extend(rule(processes))
+    if not found:
+        ranks = rank_processes(processes)
+        found.append(Diagnosis(
+            kind="unknown",
+            summary=(f"No known pattern: {len(ranks)} rank process(es), "
+                     + "; ".join(f"{p.label} at {main_location(p)}" for p in ranks[:8])),
+            advice=ADVICE["unknown"],
+            ranks=sorted(p.rank for p in ranks if p.rank is not None),
+            pids=[p.pid for p in ranks]))
+    return found
+
+
+def _live(processes: list[ProcessSnapshot]) -> list[ProcessSnapshot]:
+    return [p for p in processes if p.state in ("blocked", "busy") and p.main_thread]
+
+
+def _state_words(p: ProcessSnapshot) -> str:
+    words = p.state
+    if p.cpu_percent is not None:
+        words += f", {p.cpu_percent:.0f}% CPU"
+    if p.syscall:
+        words += ", " + p.syscall.describe()
+    return words
+
+
+def collective_split(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
+    """TD-01 / MP-02 (some ranks in a collective, some elsewhere), TD-02 (different collectives)."""
+    ranks = [p for p in _live(rank_processes(processes)) if p.rank is not None]
+    if len(ranks) < 2:
+        return []
+    inside = {p.rank: c for p in ranks if (c := collective_of(p.main_thread))}
+    if not inside:
+        return []
+    family = "mpi" if all(c.family == "mpi" for c in inside.values()) else "torch"
+    by_op: dict[str, list[ProcessSnapshot]] = {}
+    for p in ranks:
+        if p.rank in inside:
+            by_op.setdefault(inside[p.rank].op, []).append(p)
+    outside = [p for p in ranks if p.rank not in inside]
+    found = []
+    if len(by_op) > 1:
+        parts = [f"{who(sorted(q.rank for q in ps), [])} in {op}"
+                 f"{_site(inside[ps[0].rank])}" for op, ps in
+                 sorted(by_op.items(), key=lambda kv: len(kv[1]))]
+        found.append(Diagnosis(
+            kind="MP-02" if family == "mpi" else "TD-02",
+            summary="Ranks wait in different collectives: " + "; ".join(parts),
+            advice=ADVICE["MP-02" if family == "mpi" else "TD-02"],
+            ranks=sorted(inside), pids=[p.pid for ps in by_op.values() for p in ps]))
+    if outside:
+        op, waiting = max(by_op.items(), key=lambda kv: len(kv[1]))
+        spin = " (MPI busy-polls while it waits: high CPU here is waiting, not work)" if (
+            family == "mpi" and any(p.state == "busy" for p in waiting)) else ""
+        odd = "; ".join(f"{p.label} is in {main_location(p)} ({_state_words(p)})"
+                        for p in outside)
+        found.append(Diagnosis(
+            kind="MP-02" if family == "mpi" else "TD-01",
+            summary=(f"{who(sorted(p.rank for p in waiting), []).capitalize()} wait in {op}"
+                     f"{_site(inside[waiting[0].rank])}{spin}; "
+                     f"{format_odd(outside)} never reached it: {odd}"),
+            advice=ADVICE["MP-02" if family == "mpi" else "TD-01"],
+            ranks=sorted(p.rank for p in outside), pids=[p.pid for p in outside]))
+    elif len(by_op) == 1:
+        (op, waiting), = by_op.items()
+        found.append(Diagnosis(
+            kind="all-in-collective",
+            summary=(f"All {len(waiting)} ranks seen here wait in {op}"
+                     f"{_site(inside[waiting[0].rank])}"),
+            advice=ADVICE["all-in-collective"],
+            ranks=sorted(inside), pids=[p.pid for p in waiting]))
+    return found
+
+
+def format_odd(outside: list[ProcessSnapshot]) -> str:
+    ranks = sorted(p.rank for p in outside)
+    return ("rank " if len(ranks) == 1 else "ranks ") + format_ranks(ranks)
+
+
+def _site(c: Collective) -> str:
+    return f" at {short_path(c.call_site.file)}:{c.call_site.line}" if c.call_site else ""
+
+
+def rendezvous(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
+    """TD-05: ranks waiting inside process-group initialisation."""
+    stuck = [p for p in _live(processes) if p.role == "rank" and any(
+        bare_name(f) in _RENDEZVOUS_FUNCTIONS and "torch/distributed" in f.file
+        for f in p.main_thread.frames)]
+    if not stuck:
+        return []
+    ranks = sorted(p.rank for p in stuck if p.rank is not None)
+    return [Diagnosis(
+        kind="TD-05",
+        summary=(f"{who(ranks, [p.pid for p in stuck]).capitalize()} wait in rendezvous "
+                 f"(process-group init) in {main_location(stuck[0])}; "
+                 f"{len(stuck)} of the ranks seen here have not completed it"),
+        advice=ADVICE["TD-05"], ranks=ranks, pids=[p.pid for p in stuck])]
+
+
+def network_wait(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
+    """WJ-01: a socket connect/recv inside an init (wandb.init and the like)."""
+    found = []
+    for p in _live(processes):
+        frames = p.main_thread.frames
+        in_net = any(any(n in f.file for n in _NET_FILES) for f in frames) or (
+            p.syscall is not None and p.syscall.name in _NET_SYSCALLS
+            and (p.syscall.target or "").startswith("socket:"))
+        if not in_net:
+            continue
+        inits = [f for f in frames if not f.native and "init" in f.function.lower()
+                 and not any(n in f.file for n in _NET_FILES)]
+        tracker = any("wandb" in f.file for f in frames)
+        kind = "WJ-01" if inits or tracker else "network-wait"
+        init = inits[0] if inits else innermost_python_frame(p.main_thread)
+        found.append(Diagnosis(
+            kind=kind,
+            summary=(f"{p.label} waits on the network"
+                     + (f" ({p.syscall.describe()})" if p.syscall else "")
+                     + (f" inside {where(init)}" if kind == "WJ-01" else
+                        f" in {main_location(p)}")),
+            advice=ADVICE[kind], ranks=[p.rank] if p.rank is not None else [], pids=[p.pid]))
+    return found
+
+
+def blocking_file_io(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
+    """A blocking open/read/stat on a file: the signature of a hung or slow shared filesystem."""
+    found = []
+    for p in _live(processes):
+        sc = p.syscall
+        on_file = sc is not None and sc.name in _FILE_SYSCALLS and sc.target is not None and (
+            sc.target.startswith("/"))
+        if not on_file and p.kernel_state != "D":
+            continue
+        what = (f"{sc.name} of {sc.target}" if on_file else
+                "uninterruptible sleep (D state), typical of a hung filesystem")
+        found.append(Diagnosis(
+            kind="slow-filesystem",
+            summary=f"{p.label} is blocked in {what} in {main_location(p)}",
+            advice=ADVICE["slow-filesystem"],
+            ranks=[p.rank] if p.rank is not None else [], pids=[p.pid]))
+    return found
+
+
+def dataloader_worker_stuck(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
+    """DL-01: a rank waits for a batch while one of its workers is stuck in dataset code."""
+    found = []
+    workers = [p for p in _live(processes) if p.role == "dataloader-worker"]
+    for rank in _live(rank_processes(processes)):
+        if not any(bare_name(f) in _DATALOADER_WAIT and "torch/utils/data/dataloader.py" in f.file
+                   for f in rank.main_thread.frames):
+            continue
+        mine = [w for w in workers if w.ppid == rank.pid]
+        stuck = [w for w in mine if _worker_in_dataset(w)]
+        if stuck:
+            detail = "; ".join(f"worker pid {w.pid} is in {main_location(w)} ({_state_words(w)})"
+                               for w in stuck)
+        elif mine:
+            detail = (f"all {len(mine)} of its workers are idle, waiting for indices: the batch "
+                      "it waits for is held by a worker that died or never started")
+        else:
+            detail = "no live worker of it was found: they may have died or never started"
+        found.append(Diagnosis(
+            kind="DL-01",
+            summary=f"{rank.label} waits for a DataLoader batch in {main_location(rank)}; {detail}",
+            advice=ADVICE["DL-01"], ranks=[rank.rank] if rank.rank is not None else [],
+            pids=[rank.pid] + [w.pid for w in stuck]))
+    return found
+
+
+def _worker_in_dataset(worker: ProcessSnapshot) -> bool:
+    """A worker is busy with data when its stack goes past the fetcher into other code."""
+    frames = worker.main_thread.frames
+    return any("torch/utils/data/_utils/fetch.py" in f.file for f in frames) or any(
+        is_user_frame(f) for f in frames)
+
+
+def lock_after_fork(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
+    """DL-04: a forked child waits on a lock that a thread of its parent held at fork time."""
+    by_pid = {p.pid: p for p in processes}
+    found = []
+    for p in _live(processes):
+        parent = by_pid.get(p.ppid)
+        forked = parent is not None and parent.cmdline == p.cmdline and p.role != "launcher"
+        if not forked or not _waits_on_lock(p):
+            continue
+        found.append(Diagnosis(
+            kind="DL-04",
+            summary=(f"{p.label}, forked from pid {parent.pid}, waits to acquire a lock in "
+                     f"{main_location(p)}: a lock held by another thread of the parent when it "
+                     "forked is never released in the child"),
+            advice=ADVICE["DL-04"], ranks=[p.rank] if p.rank is not None else [], pids=[p.pid]))
+    return found
+
+
+def _waits_on_lock(p: ProcessSnapshot) -> bool:
+    if p.state != "blocked" or (p.syscall is not None and p.syscall.name != "futex"):
+        return False
+    thread = p.main_thread
+    if any(bare_name(f) in ("acquire", "_acquireLock") and not f.native
+           for f in thread.frames[-3:]):
+        return True
+    inner = innermost_python_frame(thread)
+    text = source_line(inner) if inner else ""
+    return ".acquire(" in text or (text.startswith("with ") and "lock" in text.lower())
+
+
+def busy_rank(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
+    """IP-04: a rank burning CPU outside any wait is progressing or looping, not deadlocked."""
+    found = []
+    for p in _live(rank_processes(processes)):
+        if p.state != "busy" or collective_of(p.main_thread) is not None:
+            continue
+        found.append(Diagnosis(
+            kind="IP-04",
+            summary=(f"{p.label} is running, not deadlocked ({p.cpu_percent:.0f}% CPU) in "
+                     f"{main_location(p)}"),
+            advice=ADVICE["IP-04"], ranks=[p.rank] if p.rank is not None else [], pids=[p.pid]))
+    return found
+
+
+RULES: list[Callable[[list[ProcessSnapshot]], list[Diagnosis]]] = [
+    collective_split, dataloader_worker_stuck, rendezvous, network_wait, blocking_file_io,
+    lock_after_fork, busy_rank,
+]

@@ -1,0 +1,117 @@
+"""Merging many processes' stacks: groups by location, and the STAT-style prefix tree."""
+
+from __future__ import annotations
+
+from hangkit.monitor.stacks import (
+    innermost_python_frame,
+    innermost_user_frame,
+    main_location,
+    short_path,
+    tree_frames,
+)
+from hangkit.records import Frame, ProcessSnapshot, StackGroup, TreeNode
+
+
+def rank_processes(processes: list[ProcessSnapshot]) -> list[ProcessSnapshot]:
+    return [p for p in processes if p.role == "rank"]
+
+
+def groups(processes: list[ProcessSnapshot]) -> list[StackGroup]:
+    """Ranks whose main threads stand at the same innermost frame of the user's own code."""
+    by_key: dict[tuple, StackGroup] = {}
+    for p in rank_processes(processes):
+        thread = p.main_thread
+        frame = (innermost_user_frame(thread) or innermost_python_frame(thread)) if thread else None
+        key = (frame.function, frame.file, frame.line) if frame else ("", main_location(p), None)
+        group = by_key.get(key)
+        if group is None:
+            group = by_key[key] = StackGroup(location=main_location(p), ranks=[], pids=[],
+                                             frames=list(thread.frames) if thread else [])
+        if p.rank is not None:
+            group.ranks.append(p.rank)
+        group.pids.append(p.pid)
+    return sorted(by_key.values(), key=lambda g: (-len(g.pids), min(g.ranks or g.pids)))
+
+
+def merged_tree(processes: list[ProcessSnapshot]) -> TreeNode:
+    """A prefix tree of the ranks' main stacks; each node carries the ranks that pass through it."""
+    root = TreeNode(frame=None)
+    for p in rank_processes(processes):
+        if p.main_thread is None:
+            continue
+        _add(root, p)
+        node = root
+        for frame in tree_frames(p.main_thread):
+            node = _child(node, frame)
+            _add(node, p)
+    return root
+
+
+def _add(node: TreeNode, p: ProcessSnapshot) -> None:
+    if p.rank is not None and p.rank not in node.ranks:
+        node.ranks.append(p.rank)
+        node.ranks.sort()
+    node.pids.append(p.pid)
+
+
+def _child(node: TreeNode, frame: Frame) -> TreeNode:
+    for child in node.children:
+        f = child.frame
+        if (f.function, f.file, f.line) == (frame.function, frame.file, frame.line):
+            return child
+    child = TreeNode(frame=frame)
+    node.children.append(child)
+    return child
+
+
+def format_ranks(ranks: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7,8'."""
+    parts, ranks = [], sorted(set(ranks))
+    i = 0
+    while i < len(ranks):
+        j = i
+        while j + 1 < len(ranks) and ranks[j + 1] == ranks[j] + 1:
+            j += 1
+        if j - i >= 2:
+            parts.append(f"{ranks[i]}-{ranks[j]}")
+        else:
+            parts.extend(str(r) for r in ranks[i:j + 1])
+        i = j + 1
+    return ",".join(parts)
+
+
+def who(ranks: list[int], pids: list[int]) -> str:
+    if ranks:
+        return ("rank " if len(ranks) == 1 else "ranks ") + format_ranks(ranks)
+    return ("pid " if len(pids) == 1 else "pids ") + ",".join(map(str, sorted(pids)))
+
+
+def render_tree(root: TreeNode) -> list[str]:
+    """The tree as text lines, each node labelled with its rank set, STAT-style.
+
+    A chain of single children stays in one column; only where ranks part ways does the text
+    branch and indent, so the split that explains a hang is what catches the eye.
+    """
+    lines: list[str] = []
+
+    def label(node: TreeNode) -> str:
+        f = node.frame
+        where = short_path(f.file) + (f":{f.line}" if f.line else "")
+        return f"[{who(node.ranks, node.pids)}] {f.function} ({where})"
+
+    def walk(node: TreeNode, first: str, rest: str) -> None:
+        lines.append(first + label(node))
+        if len(node.children) == 1:
+            walk(node.children[0], rest, rest)
+            return
+        for i, child in enumerate(node.children):
+            last = i == len(node.children) - 1
+            walk(child, rest + ("└─ " if last else "├─ "), rest + ("   " if last else "│  "))
+
+    if len(root.children) == 1:
+        walk(root.children[0], "", "")
+    else:
+        for i, child in enumerate(root.children):
+            last = i == len(root.children) - 1
+            walk(child, "└─ " if last else "├─ ", "   " if last else "│  ")
+    return lines

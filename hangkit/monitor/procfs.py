@@ -1,0 +1,111 @@
+"""Small readers of /proc: environment, kernel state, and the syscall a blocked thread sits in.
+
+Every reader returns None when the process is gone or unreadable: a process that exits while we
+look at it is a normal event during a hang capture, never an error.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from hangkit.records import Syscall
+
+# Variables that carry a process's rank, in the order launchers are checked.
+RANK_VARIABLES = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "PALS_RANKID", "RANK")
+
+# The syscalls a hung process is usually found in. Numbers differ per architecture.
+_SYSCALLS = {
+    "x86_64": {
+        0: "read", 1: "write", 2: "open", 7: "poll", 17: "pread64", 19: "readv", 23: "select",
+        35: "nanosleep", 42: "connect", 43: "accept", 45: "recvfrom", 47: "recvmsg", 61: "wait4",
+        202: "futex", 230: "clock_nanosleep", 232: "epoll_wait", 257: "openat", 270: "pselect6",
+        271: "ppoll", 281: "epoll_pwait", 288: "accept4", 295: "preadv", 441: "epoll_pwait2",
+        24: "sched_yield", 4: "stat", 5: "fstat", 6: "lstat", 262: "newfstatat", 332: "statx",
+        74: "fsync", 75: "fdatasync", 217: "getdents64",
+    },
+    "aarch64": {
+        63: "read", 64: "write", 56: "openat", 73: "ppoll", 67: "pread64", 65: "readv",
+        72: "pselect6", 101: "nanosleep", 203: "connect", 202: "accept", 207: "recvfrom",
+        212: "recvmsg", 260: "wait4", 98: "futex", 115: "clock_nanosleep", 22: "epoll_pwait",
+        242: "accept4", 69: "preadv", 441: "epoll_pwait2", 124: "sched_yield", 79: "newfstatat",
+        291: "statx", 82: "fsync", 83: "fdatasync", 61: "getdents64",
+    },
+}
+_FD_SYSCALLS = {"read", "pread64", "readv", "preadv", "recvfrom", "recvmsg", "accept", "accept4",
+                "connect", "write", "fsync", "fdatasync", "getdents64", "fstat"}
+_PATH_ARG = {"openat": 1, "open": 0, "stat": 0, "lstat": 0, "newfstatat": 1, "statx": 1}
+
+
+def read_environ(pid: int) -> dict[str, str] | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    env = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[key.decode(errors="replace")] = value.decode(errors="replace")
+    return env
+
+
+def rank_from_environ(env: dict[str, str] | None) -> int | None:
+    for name in RANK_VARIABLES:
+        value = (env or {}).get(name)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def kernel_state(pid: int) -> str | None:
+    """The one-letter state from /proc/PID/stat: R running, S sleeping, D uninterruptible, ..."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    # The command name is in parentheses and may itself hold spaces or parentheses.
+    return text[text.rfind(")") + 2:][:1] or None
+
+
+def blocked_syscall(pid: int, tid: int | None = None) -> Syscall | None:
+    """The syscall thread `tid` (default: the main thread) is blocked in, with what it waits on."""
+    tid = tid or pid
+    try:
+        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    if not fields or not fields[0].lstrip("-").isdigit() or int(fields[0]) < 0:
+        return None  # "running", or not in a syscall
+    number = int(fields[0])
+    args = [int(a, 16) for a in fields[1:7]]
+    name = _SYSCALLS.get(platform.machine(), {}).get(number, f"syscall {number}")
+    target = None
+    if name in _FD_SYSCALLS and args:
+        target = _fd_target(pid, args[0])
+    elif name in _PATH_ARG and len(args) > _PATH_ARG[name]:
+        target = _read_c_string(pid, args[_PATH_ARG[name]])
+    return Syscall(name=name, number=number, target=target)
+
+
+def _fd_target(pid: int, fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+
+
+def _read_c_string(pid: int, address: int, limit: int = 4096) -> str | None:
+    """Reads a NUL-terminated string from the process's memory (needs ptrace rights, as py-spy)."""
+    if not address:
+        return None
+    try:
+        with open(f"/proc/{pid}/mem", "rb") as mem:
+            mem.seek(address)
+            raw = mem.read(limit)
+    except (OSError, OverflowError, ValueError):
+        return None
+    return raw.split(b"\0", 1)[0].decode(errors="replace") or None

@@ -1,0 +1,112 @@
+"""Python stacks of another process through py-spy, the primary stack source.
+
+py-spy reads the target's memory, so it works while the target's main thread holds the GIL in a
+CPU-bound loop or sits in C (MPI, gloo, a lock), where in-process tools cannot run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from hangkit.records import Frame, ThreadStack
+
+PY_SPY_ENV = "HANGKIT_PY_SPY"  # a py-spy command to use instead of the installed one
+
+
+@dataclass
+class DumpResult:
+    threads: list[ThreadStack]
+    error: str | None = None  # set when there are no stacks, saying why
+    gone: bool = False  # the process exited before or during the dump
+
+
+def py_spy_command() -> list[str] | None:
+    override = os.environ.get(PY_SPY_ENV)
+    if override:
+        return override.split()
+    beside_python = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if os.access(beside_python, os.X_OK):
+        return [beside_python]
+    found = shutil.which("py-spy")
+    return [found] if found else None
+
+
+def start_dump(pid: int, *, native: bool = True) -> subprocess.Popen | None:
+    """Starts `py-spy dump` on pid without waiting, so many processes are dumped at once."""
+    command = py_spy_command()
+    if command is None:
+        return None
+    argv = [*command, "dump", "--pid", str(pid), "--json"]
+    if native:
+        argv.append("--native")
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def finish_dump(proc: subprocess.Popen | None, pid: int, *, timeout: float) -> DumpResult:
+    if proc is None:
+        return DumpResult([], error=f"py-spy not found (install it, or set {PY_SPY_ENV})")
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return DumpResult([], error=f"py-spy did not answer within {timeout:g} s")
+    if proc.returncode != 0:
+        return _failure(err.decode(errors="replace"), pid)
+    try:
+        return DumpResult(parse_dump(json.loads(out), pid))
+    except (ValueError, KeyError, TypeError) as e:
+        return DumpResult([], error=f"py-spy output could not be read: {e}")
+
+
+def dump(pid: int, *, timeout: float = 10.0) -> DumpResult:
+    """Stacks of every thread of pid, native frames included when py-spy can unwind them."""
+    result = finish_dump(start_dump(pid), pid, timeout=timeout)
+    if result.error and result.error.startswith("py-spy failed") and not result.gone:
+        # Native unwinding fails on some builds; the Python stacks alone are still worth having.
+        result = finish_dump(start_dump(pid, native=False), pid, timeout=timeout)
+    return result
+
+
+def _failure(stderr: str, pid: int) -> DumpResult:
+    first = next((ln.strip() for ln in stderr.splitlines() if ln.strip()), "no message")
+    lowered = stderr.lower()
+    if not os.path.exists(f"/proc/{pid}"):
+        return DumpResult([], error="process exited during capture", gone=True)
+    if "failed to find python version" in lowered or "failed to get process executable" in lowered:
+        return DumpResult([], error="not a Python process")
+    if "permission denied" in lowered or "operation not permitted" in lowered:
+        return DumpResult([], error=(
+            f"py-spy could not attach (ptrace denied: {first}); allow ptrace "
+            "(kernel.yama.ptrace_scope=0 or CAP_SYS_PTRACE) to get this process's stacks"))
+    return DumpResult([], error=f"py-spy failed: {first}")
+
+
+def parse_dump(data: list[dict], pid: int) -> list[ThreadStack]:
+    """py-spy lists frames innermost first; records hold them outermost first."""
+    threads = []
+    for t in data:
+        frames = []
+        for f in reversed(t.get("frames") or []):
+            native = f.get("module") is not None
+            if native and f["name"].startswith("0x"):
+                continue  # an unsymbolised address says nothing to a reader
+            frames.append(Frame(function=f["name"], file=f.get("filename") or "?",
+                                line=f.get("line") or None, native=native))
+        threads.append(ThreadStack(
+            id=t.get("thread_id", 0),
+            name=t.get("thread_name"),
+            frames=frames,
+            os_thread_id=t.get("os_thread_id"),
+            is_main=t.get("os_thread_id") == pid,
+            owns_gil=bool(t.get("owns_gil")),
+            active=t.get("active"),
+        ))
+    threads.sort(key=lambda th: not th.is_main)
+    return threads

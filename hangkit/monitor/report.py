@@ -1,0 +1,138 @@
+"""Hang reports: assembled from snapshots, rendered as text and Markdown, written privately."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from hangkit.monitor.diagnose import diagnose
+from hangkit.monitor.merge import groups, merged_tree, render_tree, who
+from hangkit.monitor.stacks import short_path
+from hangkit.records import HangReport, ProcessSnapshot
+from hangkit.redact import redact_argv
+
+JSON_NAME = "hang-report.json"
+MD_NAME = "hang-report.md"
+
+
+def build_report(*, reason: str, command: list[str], idle_seconds: float,
+                 processes: list[ProcessSnapshot], last_lines: list[str], context: dict,
+                 detector: str = "output", started_at: float | None = None,
+                 capture_seconds: float | None = None) -> HangReport:
+    for p in processes:
+        p.cmdline = redact_argv(p.cmdline)
+    context = dict(context)
+    context["ranks_on_this_node"] = sum(1 for p in processes if p.role == "rank")
+    return HangReport(
+        hang=True, reason=reason, command=redact_argv(list(command)),
+        idle_seconds=round(idle_seconds, 1), detector=detector,
+        started_at=_iso(started_at) if started_at else None, captured_at=_iso(time.time()),
+        capture_seconds=round(capture_seconds, 2) if capture_seconds is not None else None,
+        processes=processes, groups=groups(processes), tree=merged_tree(processes),
+        diagnosis=diagnose(processes), last_lines=last_lines, context=context)
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
+
+
+def render_summary(report: HangReport) -> list[str]:
+    """What a person reads first: where each group of ranks is, the tree, and the diagnosis."""
+    lines = [f"hangkit: HANG: {report.reason}"]
+    counts: dict[str, int] = {}
+    for p in report.processes:
+        counts[p.role] = counts.get(p.role, 0) + 1
+    captured = ", ".join(f"{n} {role}" for role, n in sorted(counts.items()))
+    if report.capture_seconds:
+        captured += f" in {report.capture_seconds:.1f} s"
+    lines.append(f"hangkit: captured {captured}")
+    if report.groups:
+        lines.append("")
+        lines.append("Where the ranks are:")
+        for g in report.groups:
+            lines.append(f"  {who(g.ranks, g.pids)}: {g.location}")
+    tree = render_tree(report.tree)
+    if tree:
+        lines += ["", "Merged stacks of the ranks' main threads:"] + ["  " + t for t in tree]
+    if report.diagnosis:
+        lines += ["", "Diagnosis:"]
+        for d in report.diagnosis:
+            lines.append(f"  [{d.kind}] {d.summary}")
+            lines.append(f"      advice: {d.advice}")
+    return lines
+
+
+def render_markdown(report: HangReport) -> str:
+    out = ["# hangkit hang report", "",
+           f"- **Reason:** {report.reason} (detector: {report.detector})",
+           f"- **Command:** `{' '.join(report.command)}`",
+           f"- **Captured at:** {report.captured_at}"
+           + (f" in {report.capture_seconds} s" if report.capture_seconds is not None else ""),
+           ""]
+    if report.diagnosis:
+        out += ["## Diagnosis", ""]
+        for d in report.diagnosis:
+            out += [f"### {d.kind}", "", d.summary, "", f"**Advice:** {d.advice}", ""]
+    if report.groups:
+        out += ["## Where the ranks are", ""]
+        out += [f"- **{who(g.ranks, g.pids)}**: {g.location}" for g in report.groups]
+        out.append("")
+    tree = render_tree(report.tree)
+    if tree:
+        out += ["## Merged stack tree (main threads)", "", "```", *tree, "```", ""]
+    out += ["## Processes", ""]
+    for p in report.processes:
+        out += _process_markdown(p)
+    if report.last_lines:
+        out += [f"## Last {len(report.last_lines)} lines of output", "", "```",
+                *report.last_lines, "```", ""]
+    out += ["## Job context", "", "```json", json.dumps(report.context, indent=2), "```", ""]
+    return "\n".join(out)
+
+
+def _process_markdown(p: ProcessSnapshot) -> list[str]:
+    head = f"### pid {p.pid}: {p.role}" + (f", rank {p.rank}" if p.rank is not None else "")
+    facts = [f"state {p.state}"]
+    if p.cpu_percent is not None:
+        facts.append(f"{p.cpu_percent:.0f}% CPU")
+    if p.kernel_state:
+        facts.append(f"kernel state {p.kernel_state}")
+    if p.syscall:
+        facts.append(p.syscall.describe())
+    facts.append(f"parent {p.ppid}")
+    lines = [head, "", f"`{' '.join(p.cmdline)}`", "", ", ".join(facts), ""]
+    if p.note:
+        lines += [f"Note: {p.note}", ""]
+    if p.stack_error:
+        lines += [f"No stacks: {p.stack_error}", ""]
+    for t in p.threads:
+        flags = [x for x, on in (("main", t.is_main), ("holds GIL", t.owns_gil)) if on]
+        lines.append(f"Thread {t.os_thread_id} {t.name or ''}"
+                     + (f" ({', '.join(flags)})" if flags else ""))
+        lines.append("```")
+        for f in t.frames:
+            lines.append(f"  {f.function} ({short_path(f.file)}"
+                         + (f":{f.line})" if f.line else ")"))
+        lines += ["```", ""]
+    return lines
+
+
+def write_report(report: HangReport, directory: Path) -> tuple[Path, Path]:
+    """Writes both files, 0600 inside a 0700 directory: stacks and environments can hold secrets."""
+    created = not directory.exists()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if created:
+        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+    json_path, md_path = directory / JSON_NAME, directory / MD_NAME
+    _write_private(json_path, json.dumps(report.to_json(), indent=2) + "\n")
+    _write_private(md_path, render_markdown(report))
+    return json_path, md_path
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as f:
+        f.write(text)

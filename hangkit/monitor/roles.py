@@ -1,0 +1,89 @@
+"""Which part of the job each process plays: launcher, rank, DataLoader worker, or other."""
+
+from __future__ import annotations
+
+import os
+
+from hangkit.monitor.stacks import bare_name
+from hangkit.records import ProcessSnapshot
+
+# mpiexec and its helpers, schedulers' launchers, and the shells and wrappers between them.
+LAUNCHER_NAMES = frozenset({
+    "mpiexec", "mpirun", "mpiexec.hydra", "mpiexec.gforker", "hydra_pmi_proxy",
+    "hydra_bstrap_proxy", "srun", "aprun", "palsd", "pals_launcher", "orted", "prted", "prterun",
+    "torchrun", "bash", "sh", "dash", "zsh", "ksh", "tcsh", "csh", "env", "timeout", "stdbuf",
+    "nohup", "time", "numactl", "taskset", "setsid",
+})
+_PYTHON_LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch", "torchrun")
+WORKER_LOOP_FILE = "torch/utils/data/_utils/worker.py"
+
+
+def is_launcher(cmdline: list[str]) -> bool:
+    if not cmdline:
+        return False
+    if os.path.basename(cmdline[0]) in LAUNCHER_NAMES:
+        return True
+    if os.path.basename(cmdline[0]).startswith("python"):
+        rest = " ".join(cmdline[1:3])
+        return any(m in rest for m in _PYTHON_LAUNCHER_MODULES)
+    return False
+
+
+def is_dataloader_worker(snapshot: ProcessSnapshot) -> bool:
+    return any(
+        bare_name(frame) == "_worker_loop" and frame.file.endswith(WORKER_LOOP_FILE)
+        for thread in snapshot.threads for frame in thread.frames
+    )
+
+
+def assign_roles(snapshots: list[ProcessSnapshot], ranks: dict[int, int | None]) -> None:
+    """Sets role and rank on each snapshot, in place.
+
+    `ranks` maps pid to the rank found in its environment. A rank process is the topmost
+    non-launcher process carrying its rank: the shell mpiexec started for rank 2 is a launcher,
+    the python under it is rank 2, and processes below that (DataLoader workers, subprocesses)
+    inherit the variable but are not the rank. A Python wrapper that runs mpiexec (no rank of its
+    own, ranks below it) counts as a launcher. A job with no rank variables at all (a plain
+    `python train.py`) has its topmost non-launcher processes as its ranks, with rank None.
+    """
+    by_pid = {s.pid: s for s in snapshots}
+    children: dict[int | None, list[ProcessSnapshot]] = {}
+    for s in snapshots:
+        children.setdefault(s.ppid, []).append(s)
+
+    def ancestors(s: ProcessSnapshot):
+        seen = {s.pid}
+        parent = by_pid.get(s.ppid)
+        while parent is not None and parent.pid not in seen:
+            seen.add(parent.pid)
+            yield parent
+            parent = by_pid.get(parent.ppid)
+
+    def descendants(s: ProcessSnapshot):
+        stack, seen = list(children.get(s.pid, [])), {s.pid}
+        while stack:
+            d = stack.pop()
+            if d.pid not in seen:
+                seen.add(d.pid)
+                yield d
+                stack.extend(children.get(d.pid, []))
+
+    for s in snapshots:
+        s.rank = ranks.get(s.pid)
+        if is_launcher(s.cmdline):
+            s.role = "launcher"
+    # Parents before children, so an inherited rank is known when a child is looked at.
+    for s in sorted(snapshots, key=lambda s: sum(1 for _ in ancestors(s))):
+        if s.role == "launcher":
+            continue
+        upper = [a for a in ancestors(s) if a.role != "launcher"]
+        if s.rank is not None and all(a.rank != s.rank for a in upper):
+            s.role = "rank"
+        elif s.rank is None and any(d.rank is not None for d in descendants(s)):
+            s.role = "launcher"
+        elif s.rank is None and not upper:
+            s.role = "rank"
+        else:
+            s.role = "dataloader-worker" if is_dataloader_worker(s) else "other"
+            if s.rank is None:
+                s.rank = next((a.rank for a in upper if a.role == "rank"), None)

@@ -1,0 +1,99 @@
+"""Reading stacks: whose code a frame is, short file names, and the frames that matter."""
+
+from __future__ import annotations
+
+import linecache
+import os
+import re
+
+from hangkit.records import Frame, ProcessSnapshot, ThreadStack
+
+# The slash after each match is a lookahead, so stdlib and site-packages matches can touch.
+_LIBRARY_PATH = re.compile(r"/(?:(?:site|dist)-packages|lib(?:64)?/python\d+\.\d+)(?=/)")
+_DEMO_PATH = f"{os.sep}hangkit{os.sep}demo{os.sep}"
+
+
+def is_user_frame(frame: Frame) -> bool:
+    """The user's own code: not native, not the standard library, not an installed package.
+
+    Paths are judged by shape, not against this interpreter's sysconfig, because the ranks may
+    run another Python (a conda module) than the watcher does. hangkit's demo job stands in for
+    user code, so it counts as such wherever hangkit is installed.
+    """
+    if frame.native or frame.file.startswith("<"):
+        return False
+    return _DEMO_PATH in frame.file or not _LIBRARY_PATH.search(frame.file)
+
+
+def short_path(path: str) -> str:
+    """site-packages/torch/x.py -> torch/x.py; a file under the current directory -> relative."""
+    ends = [m.end() + 1 for m in _LIBRARY_PATH.finditer(path)]
+    if ends:
+        return path[ends[-1]:]
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def bare_name(frame: Frame) -> str:
+    """py-spy qualifies methods ('_MultiProcessingDataLoaderIter._next_data'): the last part."""
+    return frame.function.rsplit(".", 1)[-1]
+
+
+def where(frame: Frame) -> str:
+    """'save_checkpoint at train.py:21': reads after 'is in' or 'waits in'."""
+    line = f":{frame.line}" if frame.line else ""
+    return f"{frame.function} at {short_path(frame.file)}{line}"
+
+
+def python_frames(thread: ThreadStack) -> list[Frame]:
+    return [f for f in thread.frames if not f.native]
+
+
+def innermost_user_frame(thread: ThreadStack) -> Frame | None:
+    return next((f for f in reversed(thread.frames) if is_user_frame(f)), None)
+
+
+def innermost_python_frame(thread: ThreadStack) -> Frame | None:
+    return next((f for f in reversed(thread.frames) if not f.native), None)
+
+
+def tree_frames(thread: ThreadStack) -> list[Frame]:
+    """The Python frames, then the one native function the innermost Python frame called.
+
+    Deeper native frames (sched_yield, poll, futex) differ between ranks that wait in the same
+    place, and would split the merged tree at its leaves without saying anything new.
+    """
+    frames: list[Frame] = []
+    start = 0
+    while start < len(thread.frames) and "runpy" in thread.frames[start].file:
+        start += 1  # `python -m` start-up frames, the same in every process
+    for i, f in enumerate(thread.frames[start:], start):
+        if not f.native:
+            frames.append(f)
+        elif i > start and not thread.frames[i - 1].native and not _is_interpreter(f):
+            frames.append(f)
+            break
+    return frames
+
+
+def _is_interpreter(frame: Frame) -> bool:
+    return "libpython" in os.path.basename(frame.file) and not frame.function.startswith("time_")
+
+
+def source_line(frame: Frame) -> str:
+    """The source text of a frame's line, read from the file (empty when it cannot be read)."""
+    if frame.native or not frame.line:
+        return ""
+    return linecache.getline(frame.file, frame.line).strip()
+
+
+def main_location(p: ProcessSnapshot) -> str:
+    """Where a process's main thread stands, in the user's terms."""
+    thread = p.main_thread
+    if thread is None:
+        return f"no stack ({p.stack_error or 'not captured'})"
+    frame = innermost_user_frame(thread) or innermost_python_frame(thread)
+    return where(frame) if frame else "no Python frames"

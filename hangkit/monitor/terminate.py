@@ -1,0 +1,86 @@
+"""Ending every process of a job: SIGTERM, a grace period, then SIGKILL for what is left."""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+from hangkit.monitor.jobtree import JobTree
+
+# After SIGKILL the kernel needs a moment to take processes down; this bounds that wait.
+KILL_WAIT_SECONDS = 5.0
+_RESCANS = 5
+
+
+@dataclass
+class EndResult:
+    terminated: list[int] = field(default_factory=list)  # ended by SIGTERM
+    killed: list[int] = field(default_factory=list)  # needed SIGKILL
+    survivors: list[int] = field(default_factory=list)  # still there after everything
+
+
+def end_job(tree: JobTree, *, grace: float, clock=time.monotonic) -> EndResult:
+    """Ends the whole tree, including processes that ignore SIGTERM or left the session.
+
+    The tree is scanned again after each round, because a process may start children while it
+    is being ended (mpiexec cleaning up, a SIGTERM handler that forks).
+    """
+    result = EndResult()
+    procs = _alive(tree.processes())
+    termed: set[int] = set()
+    deadline = clock() + grace
+    while procs:
+        _signal_all([p for p in procs if p.pid not in termed], signal.SIGTERM)
+        termed.update(p.pid for p in procs)
+        if clock() >= deadline:
+            break
+        gone, procs = psutil.wait_procs(procs, timeout=min(0.2, max(deadline - clock(), 0)))
+        result.terminated += [p.pid for p in gone]
+        procs = _alive(procs + tree.processes())
+    for _ in range(_RESCANS):
+        procs = _alive(procs + tree.processes())
+        if not procs:
+            break
+        _signal_all(procs, signal.SIGKILL)
+        gone, procs = psutil.wait_procs(procs, timeout=KILL_WAIT_SECONDS)
+        result.killed += [p.pid for p in gone if p.pid not in result.killed]
+    result.survivors = [p.pid for p in _alive(procs + tree.processes())]
+    _reap_orphans(tree)
+    return result
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    unique = {}
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                unique[p.pid] = p
+        except psutil.NoSuchProcess:
+            continue
+    return list(unique.values())
+
+
+def _signal_all(procs: list[psutil.Process], sig: int) -> None:
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.Error:
+            continue
+
+
+def _reap_orphans(tree: JobTree) -> None:
+    """As a subreaper we inherit the job's orphans: collect their exit status, leave no zombies."""
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return
+    for child in children:
+        if child.pid == tree.root_pid:
+            continue  # the job's first process is waited for by its Popen
+        try:
+            child.wait(timeout=0)
+        except (psutil.TimeoutExpired, psutil.Error):
+            continue

@@ -1,0 +1,212 @@
+"""`hangkit watch`: run a command, pass its output through, and on a hang capture, report, end.
+
+The loop is a single select() over the job's two output pipes and a pidfd for its first
+process: no threads, no polling, so the watcher costs next to nothing while the job runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from hangkit.envsetup import hang_safe_environment
+from hangkit.errors import UsageError
+from hangkit.monitor.jobtree import MARKER_VARIABLE, JobTree, become_subreaper
+from hangkit.monitor.output import OutputTail, write_all
+from hangkit.monitor.terminate import end_job
+
+HANG_EXIT = 124
+# Larger pipes let a job write bursts without waiting for the watcher to be scheduled.
+PIPE_BYTES = 1 << 20
+_F_SETPIPE_SZ = 1031
+# After the first process exits, output still in the pipes is read for at most this long.
+DRAIN_SECONDS = 2.0
+
+
+@dataclass
+class WatchOptions:
+    command: list[str]
+    timeout: float
+    grace: float = 30.0
+    report_dir: Path | None = None
+    setup_env: bool = True
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def resolve_command(command: list[str]) -> str:
+    if not command:
+        raise UsageError("no command given: use hangkit watch [options] -- COMMAND [ARGS...]")
+    found = shutil.which(command[0])
+    if found is None:
+        raise UsageError(f"command not found: {command[0]}")
+    return found
+
+
+def say(line: str) -> None:
+    write_all(2, f"hangkit: {line}\n".encode())
+
+
+def watch(opts: WatchOptions) -> int:
+    """Runs the command to its end or its hang. Returns the exit code for the watcher."""
+    if not opts.timeout > 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, got {opts.timeout:g}")
+    if opts.grace < 0:
+        raise UsageError(f"--grace must be zero or more seconds, got {opts.grace:g}")
+    executable = resolve_command(opts.command)
+    env = dict(os.environ)
+    tmpdir = None
+    if opts.setup_env:
+        env, changes, tmpdir = hang_safe_environment(env)
+        for change in changes:
+            say(f"set {change}")
+    marker = uuid.uuid4().hex
+    env[MARKER_VARIABLE] = marker
+    become_subreaper()
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        proc = subprocess.Popen([executable, *opts.command[1:]], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, bufsize=0)
+        return _Watcher(opts, proc, JobTree(proc.pid, marker), env).run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _raise_interrupted(signum, _frame):
+    raise _Interrupted(signum)
+
+
+class _Watcher:
+    def __init__(self, opts: WatchOptions, proc: subprocess.Popen, tree: JobTree, env: dict):
+        self.opts, self.proc, self.tree, self.env = opts, proc, tree, env
+        self.tail = OutputTail()
+        self.started = time.time()
+        self.last_output = time.monotonic()
+        self.sel = selectors.DefaultSelector()
+        self.forward = {proc.stdout.fileno(): 1, proc.stderr.fileno(): 2}
+        for fd in self.forward:
+            with contextlib.suppress(OSError):  # capped by /proc/sys/fs/pipe-max-size
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_BYTES)
+            self.sel.register(fd, selectors.EVENT_READ, "output")
+        self.pidfd = os.pidfd_open(proc.pid)
+        self.sel.register(self.pidfd, selectors.EVENT_READ, "exit")
+
+    def run(self) -> int:
+        try:
+            return self._loop()
+        except _Interrupted as e:
+            say(f"received {signal.Signals(e.signum).name}: ending the job")
+            self._end()
+            return 128 + e.signum
+        finally:
+            self.sel.close()
+            os.close(self.pidfd)
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+
+    def _loop(self) -> int:
+        while True:
+            idle = time.monotonic() - self.last_output
+            if idle >= self.opts.timeout:
+                return self._hang(idle)
+            for key, _ in self.sel.select(timeout=self.opts.timeout - idle):
+                if key.data == "exit":
+                    return self._finished()
+                self._pump(key.fd)
+
+    def _pump(self, fd: int) -> bool:
+        """Moves one chunk from the job to our stream; False at end of file."""
+        try:
+            data = os.read(fd, PIPE_BYTES)
+        except BlockingIOError:
+            return True
+        if not data:
+            self.sel.unregister(fd)
+            return False
+        self.last_output = time.monotonic()
+        target = self.forward[fd]
+        if target is not None and not write_all(target, data):
+            self.forward[fd] = None  # our reader left; keep draining so the job never blocks
+        self.tail.feed(fd, data)
+        return True
+
+    def _finished(self) -> int:
+        """The first process exited: drain its output, end any leftovers, pass its code on."""
+        code = self.proc.wait()
+        self.sel.unregister(self.pidfd)
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while self.sel.get_map() and time.monotonic() < deadline:
+            for key, _ in self.sel.select(timeout=deadline - time.monotonic()):
+                self._pump(key.fd)
+        leftovers = self.tree.processes()
+        if leftovers:
+            result = end_job(self.tree, grace=self.opts.grace)
+            say(f"ended {len(result.terminated) + len(result.killed)} process(es) the command "
+                f"left running: {', '.join(str(p.pid) for p in leftovers)}")
+        return 128 - code if code < 0 else code
+
+    def _hang(self, idle: float) -> int:
+        # Imported here: a job that never hangs should not pay for them at start-up.
+        from hangkit.monitor.capture import capture
+        from hangkit.monitor.jobcontext import job_context
+        from hangkit.monitor.report import build_report, render_summary
+
+        reason = f"no output for {idle:.0f} s (--timeout {self.opts.timeout:g})"
+        say(f"{reason}: capturing stacks of every process of the job")
+        t0 = time.monotonic()
+        snapshots = capture(self.tree.pids())
+        report = build_report(
+            reason=reason, command=self.opts.command, idle_seconds=idle,
+            processes=snapshots, last_lines=self.tail.lines(), context=job_context(self.env),
+            started_at=self.started, capture_seconds=time.monotonic() - t0)
+        paths = self._write(report)
+        for line in render_summary(report):
+            write_all(2, (line + "\n").encode())
+        self._end()
+        if paths:
+            say(f"report: {paths[1]} (and {paths[0].name} beside it)")
+        return HANG_EXIT
+
+    def _write(self, report):
+        from hangkit.monitor.report import write_report
+
+        directory = self.opts.report_dir or Path(
+            f"hangkit-report-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        try:
+            return write_report(report, directory)
+        except OSError as e:
+            fallback = Path(tempfile.mkdtemp(prefix="hangkit-report-"))
+            say(f"cannot write the report to {directory} ({e.strerror}); writing to {fallback}")
+            try:
+                return write_report(report, fallback)
+            except OSError as e2:
+                say(f"cannot write the report to {fallback} either ({e2.strerror})")
+                return None
+
+    def _end(self) -> None:
+        say(f"ending the job: SIGTERM, then SIGKILL after {self.opts.grace:g} s")
+        result = end_job(self.tree, grace=self.opts.grace)
+        self.proc.wait()
+        line = f"ended {len(result.terminated)} process(es) with SIGTERM"
+        if result.killed:
+            line += f", {len(result.killed)} with SIGKILL ({', '.join(map(str, result.killed))})"
+        say(line)
+        if result.survivors:
+            say(f"WARNING: could not end: {', '.join(map(str, result.survivors))}")

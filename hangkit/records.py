@@ -1,0 +1,214 @@
+"""Records: the one language between layers.
+
+Plain dataclasses with to_json()/from_json(). Capture produces them; the terminal summary, the
+Markdown report, the JSON file (and later the widgets) are pure functions of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("launcher", "rank", "dataloader-worker", "other")
+STATES = ("blocked", "busy", "exited", "unreadable")
+
+
+class _Record:
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Frame(_Record):
+    """One stack frame. `native` frames come from C libraries (py-spy --native)."""
+
+    function: str
+    file: str
+    line: int | None = None
+    native: bool = False
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Frame:
+        return cls(d["function"], d["file"], d.get("line"), d.get("native", False))
+
+    @property
+    def location(self) -> str:
+        return f"{self.file}:{self.line}" if self.line else self.file
+
+
+@dataclass
+class ThreadStack(_Record):
+    """A thread's stack, frames ordered outermost first, innermost last (as in a traceback)."""
+
+    id: int
+    name: str | None
+    frames: list[Frame] = field(default_factory=list)
+    os_thread_id: int | None = None
+    is_main: bool = False
+    owns_gil: bool = False
+    active: bool | None = None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ThreadStack:
+        return cls(
+            id=d["id"],
+            name=d.get("name"),
+            frames=[Frame.from_json(f) for f in d.get("frames", [])],
+            os_thread_id=d.get("os_thread_id"),
+            is_main=d.get("is_main", False),
+            owns_gil=d.get("owns_gil", False),
+            active=d.get("active"),
+        )
+
+
+@dataclass
+class Syscall(_Record):
+    """What the kernel says a blocked thread is doing: the syscall, and what it waits on."""
+
+    name: str
+    number: int
+    target: str | None = None  # the file, socket or pipe behind the fd, or the path being opened
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> Syscall | None:
+        return cls(d["name"], d["number"], d.get("target")) if d else None
+
+    def describe(self) -> str:
+        return f"in {self.name}" + (f" on {self.target}" if self.target else "")
+
+
+@dataclass
+class ProcessSnapshot(_Record):
+    pid: int
+    ppid: int | None
+    rank: int | None
+    role: str
+    cmdline: list[str]
+    state: str
+    cpu_percent: float | None = None  # over the sampling interval; 100 = one full core
+    kernel_state: str | None = None  # R, S, D (uninterruptible: often a hung filesystem), ...
+    syscall: Syscall | None = None  # main thread's, when blocked in one
+    session_id: int | None = None
+    threads: list[ThreadStack] = field(default_factory=list)
+    stack_error: str | None = None  # why there are no stacks (not Python, ptrace denied, ...)
+    note: str | None = None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ProcessSnapshot:
+        return cls(
+            pid=d["pid"],
+            ppid=d.get("ppid"),
+            rank=d.get("rank"),
+            role=d["role"],
+            cmdline=list(d.get("cmdline", [])),
+            state=d["state"],
+            cpu_percent=d.get("cpu_percent"),
+            kernel_state=d.get("kernel_state"),
+            syscall=Syscall.from_json(d.get("syscall")),
+            session_id=d.get("session_id"),
+            threads=[ThreadStack.from_json(t) for t in d.get("threads", [])],
+            stack_error=d.get("stack_error"),
+            note=d.get("note"),
+        )
+
+    @property
+    def main_thread(self) -> ThreadStack | None:
+        for t in self.threads:
+            if t.is_main:
+                return t
+        return self.threads[0] if self.threads else None
+
+    @property
+    def label(self) -> str:
+        rank = f"rank {self.rank}" if self.rank is not None else ""
+        if self.role == "dataloader-worker":
+            who = f"{rank} DataLoader worker".strip()
+        else:
+            who = rank or ("main process" if self.role == "rank" else self.role)
+        return f"{who} (pid {self.pid})"
+
+
+@dataclass
+class StackGroup(_Record):
+    """Ranks whose main threads stand at the same innermost frame of the user's own code."""
+
+    location: str
+    ranks: list[int]
+    pids: list[int]
+    frames: list[Frame]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> StackGroup:
+        return cls(d["location"], list(d["ranks"]), list(d["pids"]),
+                   [Frame.from_json(f) for f in d["frames"]])
+
+
+@dataclass
+class TreeNode(_Record):
+    """A node of the merged prefix tree of main-thread stacks, STAT-style."""
+
+    frame: Frame | None  # None at the root
+    ranks: list[int] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)
+    children: list[TreeNode] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TreeNode:
+        return cls(
+            frame=Frame.from_json(d["frame"]) if d.get("frame") else None,
+            ranks=list(d.get("ranks", [])),
+            pids=list(d.get("pids", [])),
+            children=[TreeNode.from_json(c) for c in d.get("children", [])],
+        )
+
+
+@dataclass
+class Diagnosis(_Record):
+    kind: str  # a catalogue id (TD-01, DL-01, ...) or a short name
+    summary: str
+    advice: str
+    ranks: list[int] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Diagnosis:
+        return cls(d["kind"], d["summary"], d["advice"], list(d.get("ranks", [])),
+                   list(d.get("pids", [])))
+
+
+@dataclass
+class HangReport(_Record):
+    hang: bool
+    reason: str
+    command: list[str]
+    idle_seconds: float
+    detector: str = "output"
+    started_at: str | None = None
+    captured_at: str | None = None
+    capture_seconds: float | None = None
+    processes: list[ProcessSnapshot] = field(default_factory=list)
+    groups: list[StackGroup] = field(default_factory=list)
+    tree: TreeNode = field(default_factory=lambda: TreeNode(frame=None))
+    diagnosis: list[Diagnosis] = field(default_factory=list)
+    last_lines: list[str] = field(default_factory=list)
+    context: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> HangReport:
+        return cls(
+            hang=d["hang"],
+            reason=d["reason"],
+            command=list(d["command"]),
+            idle_seconds=d["idle_seconds"],
+            detector=d.get("detector", "output"),
+            started_at=d.get("started_at"),
+            captured_at=d.get("captured_at"),
+            capture_seconds=d.get("capture_seconds"),
+            processes=[ProcessSnapshot.from_json(p) for p in d.get("processes", [])],
+            groups=[StackGroup.from_json(g) for g in d.get("groups", [])],
+            tree=TreeNode.from_json(d["tree"]) if d.get("tree") else TreeNode(frame=None),
+            diagnosis=[Diagnosis.from_json(x) for x in d.get("diagnosis", [])],
+            last_lines=list(d.get("last_lines", [])),
+            context=dict(d.get("context", {})),
+        )

@@ -1,0 +1,101 @@
+"""Fixtures shared by the tests: running `hangkit watch`, and making sure nothing is left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hangkit.monitor.procfs import read_environ
+
+PROGRAMS = Path(__file__).parent / "programs"
+TAG_VARIABLE = "HANGKIT_TEST_TAG"
+
+
+def tagged_processes(tag: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        env = read_environ(proc.pid)
+        if env and env.get(TAG_VARIABLE) == tag and proc.pid != os.getpid():
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except psutil.NoSuchProcess:
+                continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind(monkeypatch):
+    """Every process a test starts carries a tag; any still alive afterwards fails the test."""
+    tag = uuid.uuid4().hex
+    monkeypatch.setenv(TAG_VARIABLE, tag)
+    yield
+    left = tagged_processes(tag)
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(left, timeout=5)
+    assert not left, "processes left behind: " + "; ".join(
+        f"{p.pid} {' '.join(p.cmdline()) if p.is_running() else ''}" for p in left)
+
+
+@dataclass
+class WatchRun:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    report_dir: Path
+    ready_dir: Path
+
+    @property
+    def err(self) -> str:
+        return self.stderr.decode(errors="replace")
+
+    @property
+    def report(self) -> dict:
+        return json.loads((self.report_dir / "hang-report.json").read_text())
+
+    def ready_records(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.ready_dir.glob("pid-*.json"))]
+
+    def process(self, pid: int) -> dict:
+        return next(p for p in self.report["processes"] if p["pid"] == pid)
+
+
+@pytest.fixture
+def run_watch(tmp_path):
+    """Runs `hangkit watch` on a command; programs find $HANGKIT_READY_DIR for their records."""
+
+    def run(command: list[str], *, options: list[str] = (), timeout: float = 60,
+            env: dict | None = None, cwd: Path | None = None) -> WatchRun:
+        ready_dir = tmp_path / "ready"
+        ready_dir.mkdir(exist_ok=True)
+        report_dir = tmp_path / "report"
+        full_env = {**os.environ, "HANGKIT_READY_DIR": str(ready_dir), **(env or {})}
+        argv = [sys.executable, "-m", "hangkit", "watch", "--report-dir", str(report_dir),
+                *options, "--", *command]
+        done = subprocess.run(argv, capture_output=True, env=full_env, timeout=timeout,
+                              cwd=cwd or tmp_path)
+        return WatchRun(done.returncode, done.stdout, done.stderr, report_dir, ready_dir)
+
+    return run
+
+
+def program(name: str) -> list[str]:
+    return [sys.executable, str(PROGRAMS / name)]
+
+
+def mpiexec() -> str:
+    path = Path(sys.executable).with_name("mpiexec")
+    if not path.exists():
+        pytest.skip("mpiexec not installed (the local-mpi extra)")
+    return str(path)
