@@ -299,51 +299,54 @@ def bench_capture(workdir: Path) -> tuple[float, int]:
 # ------------------------------------------------------------------------------------ main
 
 
+def figure_cpu(workdir: Path) -> tuple[bool, str]:
+    steady, resolution = bench_watcher_cpu(workdir)
+    # No clock tick at all in the window: all that can be said is "under one tick".
+    shown = (f"{steady:.4f}" if steady > 0 else
+             f"under {resolution:.4f} (not one clock tick in the window)")
+    bound = max(steady, resolution)
+    met = bound < 0.01
+    return met, (f"watcher CPU: {shown} of a core (goal < 0.01; ratio to goal "
+                 f"{'' if steady > 0 else '< '}{bound / 0.01:.2f}, {verdict(met)})")
+
+
+def figure_throughput(workdir: Path) -> tuple[bool, str]:
+    ratio = bench_throughput(workdir)
+    met = ratio >= 0.9
+    return met, (f"throughput through watch / bare, as the job writes {FLOOD_LINES:,} lines: "
+                 f"{ratio:.2f} (goal >= 0.9; ratio to goal {ratio / 0.9:.2f}, {verdict(met)})")
+
+
+def figure_capture(workdir: Path) -> tuple[bool, str]:
+    seconds, n = bench_capture(workdir)
+    met = seconds < 3.0
+    return met, (f"capture of {RANKS} ranks x {WORKERS} workers ({n} processes): "
+                 f"{seconds:.2f} s (goal < 3 s; ratio to goal {seconds / 3.0:.2f}, "
+                 f"{verdict(met)})")
+
+
+FIGURES = [
+    (f"1. watcher CPU while a chatty job runs ({CHATTY_LINES} lines, one every "
+     f"{CHATTY_INTERVAL:g} s)", figure_cpu),
+    (f"2. output throughput, {FLOOD_LINES:,} lines of 80 bytes", figure_throughput),
+    (f"3. capture of {RANKS} ranks x {WORKERS} DataLoader workers", figure_capture),
+]
+
+
 def main() -> int:
     results: list[tuple[str, bool]] = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="hk-bench-") as tmp:
         workdir = Path(tmp)
         try:
-            print("1. watcher CPU while a chatty job runs "
-                  f"({CHATTY_LINES} lines, one every {CHATTY_INTERVAL:g} s)")
-            try:
-                steady, resolution = bench_watcher_cpu(workdir)
-                # No clock tick at all in the window: all that can be said is "under one tick".
-                shown = (f"{steady:.4f}" if steady > 0 else
-                         f"under {resolution:.4f} (not one clock tick in the window)")
-                bound = max(steady, resolution)
-                met = bound < 0.01
-                line = (f"watcher CPU: {shown} of a core (goal < 0.01; ratio to goal "
-                        f"{'' if steady > 0 else '< '}{bound / 0.01:.2f}, {verdict(met)})")
-            except Exception as e:  # report and go on to the next figure
-                met, line = False, f"watcher CPU: FAILED to measure: {e}"
-            print(line)
-            results.append((line, met))
-
-            print(f"\n2. output throughput, {FLOOD_LINES:,} lines of 80 bytes")
-            try:
-                ratio = bench_throughput(workdir)
-                met = ratio >= 0.9
-                line = (f"throughput through watch / bare, as the job writes "
-                        f"{FLOOD_LINES:,} lines: {ratio:.2f} (goal >= 0.9; ratio to "
-                        f"goal {ratio / 0.9:.2f}, {verdict(met)})")
-            except Exception as e:
-                met, line = False, f"throughput: FAILED to measure: {e}"
-            print(line)
-            results.append((line, met))
-
-            print(f"\n3. capture of {RANKS} ranks x {WORKERS} DataLoader workers")
-            try:
-                seconds, n = bench_capture(workdir)
-                met = seconds < 3.0
-                line = (f"capture of {RANKS} ranks x {WORKERS} workers ({n} processes): "
-                        f"{seconds:.2f} s (goal < 3 s; ratio to goal {seconds / 3.0:.2f}, "
-                        f"{verdict(met)})")
-            except Exception as e:
-                met, line = False, f"capture: FAILED to measure: {e}"
-            print(line)
-            results.append((line, met))
+            for title, measure in FIGURES:
+                print(f"\n{title}")
+                try:
+                    met, line = measure(workdir)
+                except Exception as e:  # report and go on to the next figure
+                    met, line = False, f"{title}: FAILED to measure: {e}"
+                print(line)
+                results.append((line, met))
         finally:
             kill_all()
     left = marked_processes()

@@ -112,3 +112,31 @@ def test_leftover_processes_are_ended_when_the_command_exits(run_watch):
                     options=["--grace", "2"])
     assert run.returncode == 0
     assert "left running" in run.err
+
+
+def test_without_pidfd_the_child_is_polled(tmp_path):
+    # Linux before 5.3 has no pidfd_open: the watcher must still notice the exit and the code.
+    script = ("import os, sys; del os.pidfd_open; from hangkit.cli import main; "
+              "sys.exit(main(['watch', '--', sys.executable, '-c', "
+              "'print(\"hi\"); raise SystemExit(5)']))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=30,
+                          cwd=tmp_path)
+    assert done.returncode == 5
+    assert done.stdout == b"hi\n"
+
+
+def test_sigterm_to_the_watcher_ends_the_job(tmp_path):
+    # As when PBS ends a job at its walltime: the watcher takes the job down with it.
+    proc = subprocess.Popen([sys.executable, "-m", "hangkit", "watch", "--grace", "2", "--",
+                             *program("gil_loop.py")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tmp_path,
+                            env={**os.environ, "HANGKIT_READY_DIR": str(tmp_path)})
+    try:
+        assert proc.stdout.readline().startswith(b"ready pid=")  # the job is running
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + 15
+    assert b"received SIGTERM: ending the job" in err
+    assert not list(tmp_path.glob("hangkit-report-*")), "an interrupted job is not a hang"

@@ -60,18 +60,26 @@ def test_processes_ignoring_sigterm_or_leaving_the_session_are_killed(run_watch)
     assert_all_gone(pids)
 
 
-def test_report_files_are_private_and_secrets_redacted(run_watch):
+def test_report_files_are_private_and_secrets_redacted(run_watch, tmp_path):
+    # PBS itself cannot run here: its variables and node file are set by hand.
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text("x3004c0s1b0n0\nx3004c0s7b1n0\n")
     run = run_watch(program("gil_loop.py") + ["--api-key", "hunter2"],
                     options=["--timeout", "1", "--grace", "1"],
-                    env={"WANDB_API_KEY": "hunter2", "NCCL_DEBUG": "INFO"})
+                    env={"WANDB_API_KEY": "hunter2", "NCCL_DEBUG": "INFO",
+                         "PBS_JOBID": "1234.polaris-pbs-01", "PBS_NODEFILE": str(nodefile)})
     assert run.returncode == HANG
     assert stat.S_IMODE(run.report_dir.stat().st_mode) == 0o700
     for name in ("hang-report.json", "hang-report.md"):
         path = run.report_dir / name
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert "hunter2" not in path.read_text()
-    env = run.report["context"]["environment"]
-    assert env["WANDB_API_KEY"] == "<redacted>" and env["NCCL_DEBUG"] == "INFO"
+    context = run.report["context"]
+    assert context["environment"]["WANDB_API_KEY"] == "<redacted>"
+    assert context["environment"]["NCCL_DEBUG"] == "INFO"
+    assert (context["pbs_jobid"], context["nodes"]) == ("1234.polaris-pbs-01", 2)
+    assert context["ranks_on_this_node"] == 1
+    assert "--api-key <redacted>" in (run.report_dir / "hang-report.md").read_text()
 
 
 def test_default_report_dir_is_new_and_printed(tmp_path):

@@ -50,7 +50,9 @@ def capture(pids: list[int], *, sample_interval: float = 0.5, timeout: float = 1
             result = pyspy.finish_dump(p.dump, p.snapshot.pid,
                                        timeout=max(deadline - clock(), 0.1))
             if result.error and result.error.startswith("py-spy failed") and not result.gone:
-                result = pyspy.dump(p.snapshot.pid, timeout=max(deadline - clock(), 0.1))
+                # Native unwinding fails on some builds; Python stacks alone are still worth having.
+                result = pyspy.finish_dump(pyspy.start_dump(p.snapshot.pid, native=False),
+                                           p.snapshot.pid, timeout=max(deadline - clock(), 0.1))
             p.snapshot.threads = result.threads
             p.snapshot.stack_error = result.error
             if result.gone:

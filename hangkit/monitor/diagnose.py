@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from hangkit.monitor.collectives import Collective, collective_of
-from hangkit.monitor.merge import format_ranks, rank_processes, who
+from hangkit.monitor.merge import rank_processes, who
 from hangkit.monitor.stacks import (
     bare_name,
     innermost_python_frame,
@@ -131,9 +131,10 @@ def collective_split(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
                         for p in outside)
         found.append(Diagnosis(
             kind="MP-02" if family == "mpi" else "TD-01",
-            summary=(f"{who(sorted(p.rank for p in waiting), []).capitalize()} wait in {op}"
+            summary=(f"{who(sorted(p.rank for p in waiting), []).capitalize()} "
+                     f"{'wait' if len(waiting) > 1 else 'waits'} in {op}"
                      f"{_site(inside[waiting[0].rank])}{spin}; "
-                     f"{format_odd(outside)} never reached it: {odd}"),
+                     f"{who(sorted(p.rank for p in outside), [])} never reached it: {odd}"),
             advice=ADVICE["MP-02" if family == "mpi" else "TD-01"],
             ranks=sorted(p.rank for p in outside), pids=[p.pid for p in outside]))
     elif len(by_op) == 1:
@@ -145,11 +146,6 @@ def collective_split(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
             advice=ADVICE["all-in-collective"],
             ranks=sorted(inside), pids=[p.pid for p in waiting]))
     return found
-
-
-def format_odd(outside: list[ProcessSnapshot]) -> str:
-    ranks = sorted(p.rank for p in outside)
-    return ("rank " if len(ranks) == 1 else "ranks ") + format_ranks(ranks)
 
 
 def _site(c: Collective) -> str:

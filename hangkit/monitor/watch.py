@@ -29,6 +29,8 @@ HANG_EXIT = 124
 # Larger pipes let a job write bursts without waiting for the watcher to be scheduled.
 PIPE_BYTES = 1 << 20
 _F_SETPIPE_SZ = 1031
+# Without a pidfd (Linux < 5.3) the first process is polled this often.
+POLL_SECONDS = 0.5
 # After the first process exits, output still in the pipes is read for at most this long.
 DRAIN_SECONDS = 2.0
 
@@ -105,8 +107,11 @@ class _Watcher:
             with contextlib.suppress(OSError):  # capped by /proc/sys/fs/pipe-max-size
                 fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_BYTES)
             self.sel.register(fd, selectors.EVENT_READ, "output")
-        self.pidfd = os.pidfd_open(proc.pid)
-        self.sel.register(self.pidfd, selectors.EVENT_READ, "exit")
+        try:
+            self.pidfd = os.pidfd_open(proc.pid)
+            self.sel.register(self.pidfd, selectors.EVENT_READ, "exit")
+        except (AttributeError, OSError):
+            self.pidfd = None  # kernels before 5.3: poll the child instead
 
     def run(self) -> int:
         try:
@@ -117,7 +122,8 @@ class _Watcher:
             return 128 + e.signum
         finally:
             self.sel.close()
-            os.close(self.pidfd)
+            if self.pidfd is not None:
+                os.close(self.pidfd)
             self.proc.stdout.close()
             self.proc.stderr.close()
 
@@ -126,10 +132,15 @@ class _Watcher:
             idle = time.monotonic() - self.last_output
             if idle >= self.opts.timeout:
                 return self._hang(idle)
-            for key, _ in self.sel.select(timeout=self.opts.timeout - idle):
+            wait = self.opts.timeout - idle
+            if self.pidfd is None:
+                wait = min(wait, POLL_SECONDS)
+            for key, _ in self.sel.select(timeout=wait):
                 if key.data == "exit":
                     return self._finished()
                 self._pump(key.fd)
+            if self.pidfd is None and self.proc.poll() is not None:
+                return self._finished()
 
     def _pump(self, fd: int) -> bool:
         """Moves one chunk from the job to our stream; False at end of file."""
@@ -150,7 +161,8 @@ class _Watcher:
     def _finished(self) -> int:
         """The first process exited: drain its output, end any leftovers, pass its code on."""
         code = self.proc.wait()
-        self.sel.unregister(self.pidfd)
+        if self.pidfd is not None:
+            self.sel.unregister(self.pidfd)
         deadline = time.monotonic() + DRAIN_SECONDS
         while self.sel.get_map() and time.monotonic() < deadline:
             for key, _ in self.sel.select(timeout=deadline - time.monotonic()):
