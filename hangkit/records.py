@@ -93,6 +93,7 @@ class ProcessSnapshot(_Record):
     threads: list[ThreadStack] = field(default_factory=list)
     stack_error: str | None = None  # why there are no stacks (not Python, ptrace denied, ...)
     note: str | None = None
+    fetching: str | None = None  # a DataLoader worker's dataset indices, while it fetches them
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ProcessSnapshot:
@@ -110,6 +111,7 @@ class ProcessSnapshot(_Record):
             threads=[ThreadStack.from_json(t) for t in d.get("threads", [])],
             stack_error=d.get("stack_error"),
             note=d.get("note"),
+            fetching=d.get("fetching"),
         )
 
     @property

@@ -106,6 +106,8 @@ def test_dl01_worker_stuck_in_getitem(run_watch):
     (dl01,) = [d for d in run.report["diagnosis"] if d["kind"] == "DL-01"]
     assert worker_pid in dl01["pids"] and main_pid in dl01["pids"]
     assert f"worker pid {worker_pid} is in FileDataset.__getitem__ at" in dl01["summary"]
+    assert "fetching index [5]" in dl01["summary"]
+    assert run.process(worker_pid)["fetching"] == "[5]"
     assert "stalled-share.fifo" in dl01["summary"]
     assert_all_gone([main_pid, worker_pid])
 

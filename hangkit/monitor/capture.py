@@ -15,7 +15,7 @@ import psutil
 
 from hangkit.monitor import pyspy
 from hangkit.monitor.procfs import blocked_syscall, kernel_state, rank_from_environ, read_environ
-from hangkit.monitor.roles import assign_roles
+from hangkit.monitor.roles import FETCH_FILE, assign_roles
 from hangkit.records import ProcessSnapshot
 
 # A process using more than this share of one core between two samples is busy, not blocked.
@@ -60,7 +60,24 @@ def capture(pids: list[int], *, sample_interval: float = 0.5, timeout: float = 1
     snapshots = [p.snapshot for p in pending]
     ranks = {p.snapshot.pid: p.snapshot.rank for p in pending}
     assign_roles(snapshots, ranks)
+    _read_worker_indices(snapshots, timeout=max(deadline - clock(), 0.1))
     return snapshots
+
+
+def _read_worker_indices(snapshots: list[ProcessSnapshot], *, timeout: float) -> None:
+    """Which dataset indices each fetching DataLoader worker holds: a second dump, with locals.
+
+    Only workers inside the fetcher are dumped again, so an idle job pays nothing for it.
+    """
+    fetching = [s for s in snapshots if s.role == "dataloader-worker" and any(
+        f.file.endswith(FETCH_FILE) for t in s.threads for f in t.frames)]
+    dumps = [(s, pyspy.start_dump(s.pid, native=False, with_locals=True)) for s in fetching]
+    deadline = time.monotonic() + timeout
+    for s, proc in dumps:
+        result = pyspy.finish_dump(proc, s.pid, timeout=max(deadline - time.monotonic(), 0.1))
+        if result.raw is not None:
+            s.fetching = pyspy.local_value(result.raw, "_MapDatasetFetcher.fetch",
+                                           "possibly_batched_index")
 
 
 def _start(pid: int) -> _Pending:

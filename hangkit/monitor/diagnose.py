@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from hangkit.monitor.collectives import Collective, collective_of
 from hangkit.monitor.merge import rank_processes, who
+from hangkit.monitor.roles import FETCH_FILE
 from hangkit.monitor.stacks import (
     bare_name,
     innermost_python_frame,
@@ -223,8 +224,10 @@ def dataloader_worker_stuck(processes: list[ProcessSnapshot]) -> list[Diagnosis]
         mine = [w for w in workers if w.ppid == rank.pid]
         stuck = [w for w in mine if _worker_in_dataset(w)]
         if stuck:
-            detail = "; ".join(f"worker pid {w.pid} is in {main_location(w)} ({_state_words(w)})"
-                               for w in stuck)
+            detail = "; ".join(
+                f"worker pid {w.pid} is in {main_location(w)}"
+                + (f" fetching index {w.fetching}" if w.fetching else "")
+                + f" ({_state_words(w)})" for w in stuck)
         elif mine:
             detail = (f"all {len(mine)} of its workers are idle, waiting for indices: the batch "
                       "it waits for is held by a worker that died or never started")
@@ -241,7 +244,7 @@ def dataloader_worker_stuck(processes: list[ProcessSnapshot]) -> list[Diagnosis]
 def _worker_in_dataset(worker: ProcessSnapshot) -> bool:
     """A worker is busy with data when its stack goes past the fetcher into other code."""
     frames = worker.main_thread.frames
-    return any("torch/utils/data/_utils/fetch.py" in f.file for f in frames) or any(
+    return any(f.file.endswith(FETCH_FILE) for f in frames) or any(
         is_user_frame(f) for f in frames)
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from hangkit.monitor.stacks import (
+    frame_text,
     innermost_python_frame,
     innermost_user_frame,
     main_location,
-    short_path,
     tree_frames,
 )
 from hangkit.records import Frame, ProcessSnapshot, StackGroup, TreeNode
@@ -95,9 +95,7 @@ def render_tree(root: TreeNode) -> list[str]:
     lines: list[str] = []
 
     def label(node: TreeNode) -> str:
-        f = node.frame
-        where = short_path(f.file) + (f":{f.line}" if f.line else "")
-        return f"[{who(node.ranks, node.pids)}] {f.function} ({where})"
+        return f"[{who(node.ranks, node.pids)}] {frame_text(node.frame)}"
 
     def walk(node: TreeNode, first: str, rest: str) -> None:
         lines.append(first + label(node))

@@ -23,6 +23,7 @@ class DumpResult:
     threads: list[ThreadStack]
     error: str | None = None  # set when there are no stacks, saying why
     gone: bool = False  # the process exited before or during the dump
+    raw: list[dict] | None = None  # py-spy's own JSON, for what records do not keep (locals)
 
 
 def py_spy_command() -> list[str] | None:
@@ -36,7 +37,8 @@ def py_spy_command() -> list[str] | None:
     return [found] if found else None
 
 
-def start_dump(pid: int, *, native: bool = True) -> subprocess.Popen | None:
+def start_dump(pid: int, *, native: bool = True,
+               with_locals: bool = False) -> subprocess.Popen | None:
     """Starts `py-spy dump` on pid without waiting, so many processes are dumped at once."""
     command = py_spy_command()
     if command is None:
@@ -44,6 +46,8 @@ def start_dump(pid: int, *, native: bool = True) -> subprocess.Popen | None:
     argv = [*command, "dump", "--pid", str(pid), "--json"]
     if native:
         argv.append("--native")
+    if with_locals:
+        argv.append("--locals")
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
@@ -60,7 +64,8 @@ def finish_dump(proc: subprocess.Popen | None, pid: int, *, timeout: float) -> D
     if proc.returncode != 0:
         return _failure(err.decode(errors="replace"), pid)
     try:
-        return DumpResult(parse_dump(json.loads(out), pid))
+        raw = json.loads(out)
+        return DumpResult(parse_dump(raw, pid), raw=raw)
     except (ValueError, KeyError, TypeError) as e:
         return DumpResult([], error=f"py-spy output could not be read: {e}")
 
@@ -72,6 +77,17 @@ def dump(pid: int, *, timeout: float = 10.0) -> DumpResult:
         # Native unwinding fails on some builds; the Python stacks alone are still worth having.
         result = finish_dump(start_dump(pid, native=False), pid, timeout=timeout)
     return result
+
+
+def local_value(raw: list[dict], function: str, name: str) -> str | None:
+    """The repr of local `name` in the innermost frame called `function`, from a --locals dump."""
+    for thread in raw:
+        for frame in thread.get("frames") or []:
+            if frame.get("name") == function:
+                for local in frame.get("locals") or []:
+                    if local.get("name") == name:
+                        return local.get("repr")
+    return None
 
 
 def _failure(stderr: str, pid: int) -> DumpResult:

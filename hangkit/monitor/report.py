@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hangkit.monitor.diagnose import diagnose
 from hangkit.monitor.merge import groups, merged_tree, render_tree, who
-from hangkit.monitor.stacks import short_path
+from hangkit.monitor.stacks import frame_text
 from hangkit.records import HangReport, ProcessSnapshot
 from hangkit.redact import redact_argv
 
@@ -112,9 +112,7 @@ def _process_markdown(p: ProcessSnapshot) -> list[str]:
         lines.append(f"Thread {t.os_thread_id} {t.name or ''}"
                      + (f" ({', '.join(flags)})" if flags else ""))
         lines.append("```")
-        for f in t.frames:
-            lines.append(f"  {f.function} ({short_path(f.file)}"
-                         + (f":{f.line})" if f.line else ")"))
+        lines += [f"  {frame_text(f)}" for f in t.frames]
         lines += ["```", ""]
     return lines
 

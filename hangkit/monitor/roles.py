@@ -15,7 +15,9 @@ LAUNCHER_NAMES = frozenset({
     "nohup", "time", "numactl", "taskset", "setsid",
 })
 _PYTHON_LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch", "torchrun")
+# Where torch's DataLoader workers loop, and where they call the dataset.
 WORKER_LOOP_FILE = "torch/utils/data/_utils/worker.py"
+FETCH_FILE = "torch/utils/data/_utils/fetch.py"
 
 
 def is_launcher(cmdline: list[str]) -> bool:

@@ -48,6 +48,12 @@ def where(frame: Frame) -> str:
     return f"{frame.function} at {short_path(frame.file)}{line}"
 
 
+def frame_text(frame: Frame) -> str:
+    """'all_reduce (torch/distributed/distributed_c10d.py:3252)'; a native frame by library name."""
+    path = os.path.basename(frame.file) if frame.native else short_path(frame.file)
+    return f"{frame.function} ({path}" + (f":{frame.line})" if frame.line else ")")
+
+
 def python_frames(thread: ThreadStack) -> list[Frame]:
     return [f for f in thread.frames if not f.native]
 
