@@ -174,6 +174,15 @@ def test_blocking_open_on_a_stalled_file(run_watch):
     assert "load_shard" in fs["summary"]
 
 
+def test_missing_py_spy_is_reported_and_the_job_still_ended(run_watch):
+    run = run_watch(program("gil_loop.py"), options=["--timeout", "1", "--grace", "1"],
+                    env={"HANGKIT_PY_SPY": "/nonexistent/py-spy"})
+    assert run.returncode == HANG, run.err
+    (ready,) = run.ready_records()
+    assert run.process(ready["pid"])["stack_error"].startswith("py-spy not found")
+    assert_all_gone([ready["pid"]])
+
+
 def test_ptrace_denied_is_reported_and_capture_carries_on(run_watch, tmp_path):
     # A real denial: py-spy run as an unprivileged user cannot attach to our processes.
     if not Path("/usr/bin/setpriv").exists() or psutil.Process().uids().effective != 0:

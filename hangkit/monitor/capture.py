@@ -27,7 +27,8 @@ class _Pending:
     snapshot: ProcessSnapshot
     proc: psutil.Process | None
     cpu_before: float | None
-    dump: object = None
+    wants_stacks: bool = False
+    dump: object = None  # the py-spy run, None also when py-spy could not be started
 
 
 def capture(pids: list[int], *, sample_interval: float = 0.5, timeout: float = 10.0,
@@ -37,7 +38,8 @@ def capture(pids: list[int], *, sample_interval: float = 0.5, timeout: float = 1
     pending = [_start(pid) for pid in pids]
     started = clock()
     for p in pending:
-        if p.proc is not None and _wants_stacks(p.snapshot, p.proc):
+        p.wants_stacks = p.proc is not None and _wants_stacks(p.snapshot, p.proc)
+        if p.wants_stacks:
             p.dump = pyspy.start_dump(p.snapshot.pid)
     remaining = sample_interval - (clock() - started)
     if remaining > 0:
@@ -46,13 +48,9 @@ def capture(pids: list[int], *, sample_interval: float = 0.5, timeout: float = 1
     for p in pending:
         _finish_cpu(p, wall)
     for p in pending:
-        if p.dump is not None:
-            result = pyspy.finish_dump(p.dump, p.snapshot.pid,
-                                       timeout=max(deadline - clock(), 0.1))
-            if result.error and result.error.startswith("py-spy failed") and not result.gone:
-                # Native unwinding fails on some builds; Python stacks alone are still worth having.
-                result = pyspy.finish_dump(pyspy.start_dump(p.snapshot.pid, native=False),
-                                           p.snapshot.pid, timeout=max(deadline - clock(), 0.1))
+        if p.wants_stacks:
+            result = pyspy.dump(p.snapshot.pid, started=p.dump,
+                                timeout=max(deadline - clock(), 0.1))
             p.snapshot.threads = result.threads
             p.snapshot.stack_error = result.error
             if result.gone:

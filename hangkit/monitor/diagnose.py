@@ -161,11 +161,12 @@ def rendezvous(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
     if not stuck:
         return []
     ranks = sorted(p.rank for p in stuck if p.rank is not None)
+    subject = who(ranks, []) if len(ranks) == len(stuck) else ", ".join(p.label for p in stuck)
     return [Diagnosis(
         kind="TD-05",
-        summary=(f"{who(ranks, [p.pid for p in stuck]).capitalize()} wait in rendezvous "
-                 f"(process-group init) in {main_location(stuck[0])}; "
-                 f"{len(stuck)} of the ranks seen here have not completed it"),
+        summary=(f"{subject[0].upper()}{subject[1:]} {'wait' if len(stuck) > 1 else 'waits'} "
+                 f"in rendezvous (process-group init) in {main_location(stuck[0])}: the other "
+                 "ranks never joined"),
         advice=ADVICE["TD-05"], ranks=ranks, pids=[p.pid for p in stuck])]
 
 

@@ -48,8 +48,11 @@ def start_dump(pid: int, *, native: bool = True,
         argv.append("--native")
     if with_locals:
         argv.append("--locals")
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    except OSError:
+        return None  # reported by finish_dump as "py-spy not found"
 
 
 def finish_dump(proc: subprocess.Popen | None, pid: int, *, timeout: float) -> DumpResult:
@@ -70,9 +73,13 @@ def finish_dump(proc: subprocess.Popen | None, pid: int, *, timeout: float) -> D
         return DumpResult([], error=f"py-spy output could not be read: {e}")
 
 
-def dump(pid: int, *, timeout: float = 10.0) -> DumpResult:
-    """Stacks of every thread of pid, native frames included when py-spy can unwind them."""
-    result = finish_dump(start_dump(pid), pid, timeout=timeout)
+def dump(pid: int, *, timeout: float = 10.0, started: subprocess.Popen | None = None
+         ) -> DumpResult:
+    """Stacks of every thread of pid, native frames included when py-spy can unwind them.
+
+    `started` is a dump already begun with start_dump(), when many run at once.
+    """
+    result = finish_dump(started or start_dump(pid), pid, timeout=timeout)
     if result.error and result.error.startswith("py-spy failed") and not result.gone:
         # Native unwinding fails on some builds; the Python stacks alone are still worth having.
         result = finish_dump(start_dump(pid, native=False), pid, timeout=timeout)
