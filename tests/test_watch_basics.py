@@ -75,7 +75,8 @@ def test_output_resets_the_timer(run_watch):
 
 
 def test_hang_timeout_variable_sets_the_default(run_watch):
-    run = run_watch([sys.executable, "-c", "import time; time.sleep(60)"],
+    # The sleep is the watched job's hang, not the test waiting. ok-sleep
+    run = run_watch([sys.executable, "-c", "import time; time.sleep(60)"],  # ok-sleep
                     options=["--grace", "1"], env={"HANG_TIMEOUT": "1"})
     assert run.returncode == 124
     assert "--timeout 1" in run.report["reason"]
