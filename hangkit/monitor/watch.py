@@ -80,10 +80,18 @@ def watch(opts: WatchOptions) -> int:
     env[MARKER_VARIABLE] = marker
     become_subreaper()
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    proc = None
     try:
-        proc = subprocess.Popen([executable, *opts.command[1:]], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=env, bufsize=0)
-        return _Watcher(opts, proc, JobTree(proc.pid, marker), env).run()
+        try:
+            proc = subprocess.Popen([executable, *opts.command[1:]], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=env, bufsize=0)
+            watcher = _Watcher(opts, proc, JobTree(proc.pid, marker), env)
+        except _Interrupted as e:  # before the loop could take it: end what was started
+            if proc is not None:
+                end_job(JobTree(proc.pid, marker), grace=opts.grace)
+                proc.wait()
+            return 128 + e.signum
+        return watcher.run()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
