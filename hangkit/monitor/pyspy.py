@@ -24,6 +24,7 @@ class DumpResult:
     error: str | None = None  # set when there are no stacks, saying why
     gone: bool = False  # the process exited before or during the dump
     raw: list[dict] | None = None  # py-spy's own JSON, for what records do not keep (locals)
+    unexplained: bool = False  # failed for no known reason: worth a try without --native
 
 
 def py_spy_command() -> list[str] | None:
@@ -80,7 +81,7 @@ def dump(pid: int, *, timeout: float = 10.0, started: subprocess.Popen | None = 
     `started` is a dump already begun with start_dump(), when many run at once.
     """
     result = finish_dump(started or start_dump(pid), pid, timeout=timeout)
-    if result.error and result.error.startswith("py-spy failed") and not result.gone:
+    if result.unexplained:
         # Native unwinding fails on some builds; the Python stacks alone are still worth having.
         result = finish_dump(start_dump(pid, native=False), pid, timeout=timeout)
     return result
@@ -108,7 +109,7 @@ def _failure(stderr: str, pid: int) -> DumpResult:
         return DumpResult([], error=(
             f"py-spy could not attach (ptrace denied: {first}); allow ptrace "
             "(kernel.yama.ptrace_scope=0 or CAP_SYS_PTRACE) to get this process's stacks"))
-    return DumpResult([], error=f"py-spy failed: {first}")
+    return DumpResult([], error=f"py-spy failed: {first}", unexplained=True)
 
 
 def parse_dump(data: list[dict], pid: int) -> list[ThreadStack]:

@@ -54,10 +54,6 @@ def frame_text(frame: Frame) -> str:
     return f"{frame.function} ({path}" + (f":{frame.line})" if frame.line else ")")
 
 
-def python_frames(thread: ThreadStack) -> list[Frame]:
-    return [f for f in thread.frames if not f.native]
-
-
 def innermost_user_frame(thread: ThreadStack) -> Frame | None:
     return next((f for f in reversed(thread.frames) if is_user_frame(f)), None)
 

@@ -150,21 +150,20 @@ class _Watcher:
             if self.pidfd is None and self.proc.poll() is not None:
                 return self._finished()
 
-    def _pump(self, fd: int) -> bool:
-        """Moves one chunk from the job to our stream; False at end of file."""
+    def _pump(self, fd: int) -> None:
+        """Moves one chunk from the job to our stream; stops watching fd at end of file."""
         try:
             data = os.read(fd, PIPE_BYTES)
         except BlockingIOError:
-            return True
+            return
         if not data:
             self.sel.unregister(fd)
-            return False
+            return
         self.last_output = time.monotonic()
         target = self.forward[fd]
         if target is not None and not write_all(target, data):
             self.forward[fd] = None  # our reader left; keep draining so the job never blocks
         self.tail.feed(fd, data)
-        return True
 
     def _finished(self) -> int:
         """The first process exited: drain its output, end any leftovers, pass its code on."""
