@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("launcher", "rank", "dataloader-worker", "other")
-STATES = ("blocked", "busy", "exited", "unreadable")
+STATES = ("blocked", "busy", "exited", "unreadable", "remote")
 
 
 class _Record:
@@ -180,6 +180,98 @@ class Diagnosis(_Record):
 
 
 @dataclass
+class CollectiveState(_Record):
+    """The collective a rank is in, or last finished, as counted by hangkit.instrument()."""
+
+    library: str  # "torch" or "mpi"
+    comm: str  # "world", or the group's ranks / communicator's name
+    op: str
+    seq: int  # per library and communicator, from 1: the n-th collective this rank called there
+    inside: bool
+    seconds: float = 0.0  # how long it has been inside, when inside
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> CollectiveState | None:
+        return cls(**d) if d else None
+
+    def describe(self) -> str:
+        return f"{self.op} #{self.seq}" + ("" if self.comm == "world" else f" on {self.comm}")
+
+
+@dataclass
+class Beat(_Record):
+    """What a rank's agent publishes about once a second: its latest progress."""
+
+    pid: int
+    host: str
+    rank: int | None = None
+    world_size: int | None = None
+    step: int | None = None
+    phase: str | None = None
+    phase_seconds: float = 0.0  # time in the current phase, when sent
+    calls: int = 0  # progress() calls so far: any call counts as advancing
+    since_progress: float = 0.0  # seconds since calls last changed, when sent
+    fields: dict[str, Any] = field(default_factory=dict)
+    collective: CollectiveState | None = None
+    collective_seconds: float = 0.0  # total time spent inside collectives
+    dump_file: str | None = None  # where a faulthandler dump lands on dump_signal
+    dump_signal: int | None = None
+    main_ident: int | None = None  # the main thread's id, to find it in a faulthandler dump
+    error: str | None = None  # the last line of an exception that ended the rank's work
+    sent_at: float = 0.0  # the sender's time.time()
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Beat:
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["collective"] = CollectiveState.from_json(d.get("collective"))
+        return cls(**d)
+
+
+@dataclass
+class RankStatus(_Record):
+    """The monitor's view of one rank at one moment: what dashboards and reports show."""
+
+    key: str  # "rank 3", or "pid 1234" for a process without a rank
+    rank: int | None
+    pid: int
+    host: str
+    status: str  # running, waiting, slow, stalled, dead, errored
+    step: int | None = None
+    phase: str | None = None
+    phase_seconds: float = 0.0
+    since_progress: float = 0.0
+    beat_age: float = 0.0
+    step_rate: float | None = None  # steps per second over the recent window
+    collective: CollectiveState | None = None
+    straggler_score: float | None = None  # work per step against the other ranks' median
+    fields: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RankStatus:
+        d = dict(d)
+        d["collective"] = CollectiveState.from_json(d.get("collective"))
+        return cls(**d)
+
+
+@dataclass
+class StallEvent(_Record):
+    """One finding of stall detection: stall, stopped, dead, straggler or desync."""
+
+    kind: str
+    summary: str
+    ranks: list[int] = field(default_factory=list)  # the ranks it is about (the culprits)
+    at: float = 0.0  # the detector's clock
+    scores: dict[str, float] = field(default_factory=dict)  # straggler scores by rank
+    case: str | None = None  # the hang catalogue's id, where one applies (TD-02, MP-02)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> StallEvent:
+        return cls(**d)
+
+
+@dataclass
 class HangReport(_Record):
     hang: bool
     reason: str
@@ -195,6 +287,8 @@ class HangReport(_Record):
     diagnosis: list[Diagnosis] = field(default_factory=list)
     last_lines: list[str] = field(default_factory=list)
     context: dict[str, Any] = field(default_factory=dict)
+    ranks: list[RankStatus] = field(default_factory=list)  # from the ranks' agents, if any
+    events: list[StallEvent] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> HangReport:
@@ -213,4 +307,6 @@ class HangReport(_Record):
             diagnosis=[Diagnosis.from_json(x) for x in d.get("diagnosis", [])],
             last_lines=list(d.get("last_lines", [])),
             context=dict(d.get("context", {})),
+            ranks=[RankStatus.from_json(r) for r in d.get("ranks", [])],
+            events=[StallEvent.from_json(e) for e in d.get("events", [])],
         )

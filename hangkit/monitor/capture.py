@@ -16,7 +16,7 @@ import psutil
 from hangkit.monitor import pyspy
 from hangkit.monitor.procfs import blocked_syscall, kernel_state, rank_from_environ, read_environ
 from hangkit.monitor.roles import FETCH_FILE, assign_roles
-from hangkit.records import ProcessSnapshot
+from hangkit.records import ProcessSnapshot, ThreadStack
 
 # A process using more than this share of one core between two samples is busy, not blocked.
 BUSY_CPU_PERCENT = 25.0
@@ -31,13 +31,23 @@ class _Pending:
     dump: object = None  # the py-spy run, None also when py-spy could not be started
 
 
-def capture(pids: list[int], *, sample_interval: float = 0.5, timeout: float = 10.0,
+def capture(pids: list[int], *, known: dict[int, tuple[list[ThreadStack], str]] | None = None,
+            sample_interval: float = 0.5, timeout: float = 10.0,
             clock=time.monotonic) -> list[ProcessSnapshot]:
-    """Snapshots of pids. Never raises for a process that vanishes or cannot be read."""
+    """Snapshots of pids. Never raises for a process that vanishes or cannot be read.
+
+    `known` holds stacks already had from a rank's agent, {pid: (threads, where from)}: those
+    processes are not dumped with py-spy again, but still sampled for CPU and syscall.
+    """
+    known = known or {}
     deadline = clock() + timeout
     pending = [_start(pid) for pid in pids]
     started = clock()
     for p in pending:
+        if p.snapshot.pid in known:
+            p.snapshot.threads, source = known[p.snapshot.pid]
+            p.snapshot.note = f"stacks from {source}"
+            continue
         p.wants_stacks = p.proc is not None and _wants_stacks(p.snapshot, p.proc)
         if p.wants_stacks:
             p.dump = pyspy.start_dump(p.snapshot.pid)

@@ -20,7 +20,7 @@ from hangkit.monitor.stacks import (
     source_line,
     where,
 )
-from hangkit.records import Diagnosis, ProcessSnapshot
+from hangkit.records import Diagnosis, ProcessSnapshot, StallEvent
 
 ADVICE = {
     "TD-01": ("Every rank must call the same collectives in the same order. Move rank-only work "
@@ -55,6 +55,9 @@ ADVICE = {
     "IP-04": ("The process is running, not deadlocked. If it should be advancing, it may be slow: "
               "check oversubscription (ranks x DataLoader workers vs cores), OMP_NUM_THREADS, "
               "and CPU binding (mpiexec --depth/--cpu-bind); if it loops, the stack shows where."),
+    "dead-rank": ("A rank's process is gone while the others wait for it. Find why it died: its "
+                  "own output and exit status, `dmesg` for the OOM killer, the node's health. "
+                  "Collectives cannot complete without it; restart from the last checkpoint."),
     "unknown": ("No known hang pattern matched. The groups and the merged tree show where each "
                 "rank stands; compare them with what the ranks should be doing."),
 }
@@ -71,10 +74,14 @@ _FILE_SYSCALLS = frozenset({"read", "pread64", "readv", "preadv", "open", "opena
                             "lstat", "newfstatat", "statx", "fsync", "fdatasync", "getdents64"})
 
 
-def diagnose(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
-    found: list[Diagnosis] = []
-    for rule in RULES:
-        found.extend(rule(processes))
+def diagnose(processes: list[ProcessSnapshot], events: list[StallEvent] = ()
+             ) -> list[Diagnosis]:
+    found = from_events(events)
+    if found:
+        # A dead rank or a desync explains "everyone waits in the same collective" better.
+        found += [d for rule in RULES for d in rule(processes) if d.kind != "all-in-collective"]
+    else:
+        found = [d for rule in RULES for d in rule(processes)]
     if not found:
         ranks = rank_processes(processes)
         found.append(Diagnosis(
@@ -84,6 +91,22 @@ def diagnose(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
             advice=ADVICE["unknown"],
             ranks=sorted(p.rank for p in ranks if p.rank is not None),
             pids=[p.pid for p in ranks]))
+    return found
+
+
+def from_events(events: list[StallEvent]) -> list[Diagnosis]:
+    """The stall detector's findings that are diagnoses in their own right: a desync read from
+    collective sequence numbers (TD-02, MP-02 for MPI), and a dead rank."""
+    found = []
+    for e in events:
+        if e.kind == "desync":
+            kind = e.case or "TD-02"
+            found.append(Diagnosis(kind=kind,
+                                   summary="Ranks are in different collectives: " + e.summary,
+                                   advice=ADVICE[kind], ranks=e.ranks, pids=[]))
+        elif e.kind == "dead":
+            found.append(Diagnosis(kind="dead-rank", summary=e.summary,
+                                   advice=ADVICE["dead-rank"], ranks=e.ranks, pids=[]))
     return found
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import platform
 
+from hangkit.rankenv import RANK_VARIABLES, rank_from_environ
 from hangkit.records import Syscall
 
-# Variables that carry a process's rank, in the order launchers are checked.
-RANK_VARIABLES = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "PALS_RANKID", "RANK")
+__all__ = ["RANK_VARIABLES", "rank_from_environ", "read_environ", "kernel_state",
+           "blocked_syscall"]
 
 # The syscalls a hung process is usually found in. Numbers differ per architecture.
 _SYSCALLS = {
@@ -49,14 +50,6 @@ def read_environ(pid: int) -> dict[str, str] | None:
         if sep:
             env[key.decode(errors="replace")] = value.decode(errors="replace")
     return env
-
-
-def rank_from_environ(env: dict[str, str] | None) -> int | None:
-    for name in RANK_VARIABLES:
-        value = (env or {}).get(name)
-        if value is not None and value.strip().isdigit():
-            return int(value)
-    return None
 
 
 def kernel_state(pid: int) -> str | None:

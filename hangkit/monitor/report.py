@@ -10,7 +10,7 @@ from pathlib import Path
 from hangkit.monitor.diagnose import diagnose
 from hangkit.monitor.merge import groups, merged_tree, render_tree, who
 from hangkit.monitor.stacks import frame_text
-from hangkit.records import HangReport, ProcessSnapshot
+from hangkit.records import HangReport, ProcessSnapshot, RankStatus, StallEvent
 from hangkit.redact import redact_argv
 
 JSON_NAME = "hang-report.json"
@@ -20,7 +20,8 @@ MD_NAME = "hang-report.md"
 def build_report(*, reason: str, command: list[str], idle_seconds: float,
                  processes: list[ProcessSnapshot], last_lines: list[str], context: dict,
                  detector: str = "output", started_at: float | None = None,
-                 capture_seconds: float | None = None) -> HangReport:
+                 capture_seconds: float | None = None, ranks: list[RankStatus] = (),
+                 events: list[StallEvent] = ()) -> HangReport:
     for p in processes:
         p.cmdline = redact_argv(p.cmdline)
     context = dict(context)
@@ -31,7 +32,8 @@ def build_report(*, reason: str, command: list[str], idle_seconds: float,
         started_at=_iso(started_at) if started_at else None, captured_at=_iso(time.time()),
         capture_seconds=round(capture_seconds, 2) if capture_seconds is not None else None,
         processes=processes, groups=groups(processes), tree=merged_tree(processes),
-        diagnosis=diagnose(processes), last_lines=last_lines, context=context)
+        diagnosis=diagnose(processes, list(events)), last_lines=last_lines, context=context,
+        ranks=list(ranks), events=list(events))
 
 
 def _iso(t: float) -> str:
@@ -53,6 +55,8 @@ def render_summary(report: HangReport) -> list[str]:
         lines.append("Where the ranks are:")
         for g in report.groups:
             lines.append(f"  {who(g.ranks, g.pids)}: {g.location}")
+    if report.ranks:
+        lines += ["", "Progress reported by the ranks:"] + ["  " + r for r in render_ranks(report)]
     tree = render_tree(report.tree)
     if tree:
         lines += ["", "Merged stacks of the ranks' main threads:"] + ["  " + t for t in tree]
@@ -61,6 +65,29 @@ def render_summary(report: HangReport) -> list[str]:
         for d in report.diagnosis:
             lines.append(f"  [{d.kind}] {d.summary}")
             lines.append(f"      advice: {d.advice}")
+    return lines
+
+
+def render_ranks(report: HangReport) -> list[str]:
+    """One line per rank from its beats, then the stall detector's findings."""
+    lines = []
+    for r in report.ranks:
+        parts = [f"{r.key}: {r.status}"]
+        if r.step is not None:
+            parts.append(f"step {r.step}")
+        if r.phase:
+            parts.append(f"phase {r.phase!r} for {r.phase_seconds:.1f} s")
+        parts.append(f"last progress {r.since_progress:.1f} s ago")
+        if r.collective is not None:
+            c = r.collective
+            parts.append(f"in {c.describe()} for {c.seconds:.1f} s" if c.inside
+                         else f"last collective {c.describe()}")
+        if r.straggler_score is not None:
+            parts.append(f"straggler score {r.straggler_score:.1f}")
+        if r.error:
+            parts.append(f"error: {r.error}")
+        lines.append(", ".join(parts) + f" (pid {r.pid} on {r.host})")
+    lines += [f"[{e.kind}] {e.summary}" for e in report.events]
     return lines
 
 
@@ -79,6 +106,8 @@ def render_markdown(report: HangReport) -> str:
         out += ["## Where the ranks are", ""]
         out += [f"- **{who(g.ranks, g.pids)}**: {g.location}" for g in report.groups]
         out.append("")
+    if report.ranks:
+        out += ["## Progress reported by the ranks", "", "```", *render_ranks(report), "```", ""]
     tree = render_tree(report.tree)
     if tree:
         out += ["## Merged stack tree (main threads)", "", "```", *tree, "```", ""]

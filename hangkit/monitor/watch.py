@@ -1,7 +1,9 @@
 """`hangkit watch`: run a command, pass its output through, and on a hang capture, report, end.
 
 The loop is a single select() over the job's two output pipes and a pidfd for its first
-process: no threads, no polling, so the watcher costs next to nothing while the job runs.
+process, so the watcher costs next to nothing while the job runs. Beside it, a Monitor thread
+receives the progress beats of ranks that call hangkit.progress(); the loop wakes every TICK
+seconds to run stall detection over them.
 """
 
 from __future__ import annotations
@@ -23,16 +25,20 @@ from hangkit.envsetup import hang_safe_environment
 from hangkit.errors import UsageError
 from hangkit.monitor.jobtree import MARKER_VARIABLE, JobTree, become_subreaper
 from hangkit.monitor.output import OutputTail, write_all
+from hangkit.monitor.server import Monitor
+from hangkit.monitor.stall import HANG_KINDS, StallConfig
 from hangkit.monitor.terminate import end_job
+from hangkit.records import ProcessSnapshot, RankStatus, StallEvent
 
 HANG_EXIT = 124
 # Larger pipes let a job write bursts without waiting for the watcher to be scheduled.
 PIPE_BYTES = 1 << 20
 _F_SETPIPE_SZ = 1031
-# Without a pidfd (Linux < 5.3) the first process is polled this often.
-POLL_SECONDS = 0.5
 # After the first process exits, output still in the pipes is read for at most this long.
 DRAIN_SECONDS = 2.0
+# How often stall detection runs over the ranks' progress (and, without a pidfd on kernels
+# before 5.3, how often the first process is polled).
+TICK = 0.25
 
 
 @dataclass
@@ -42,6 +48,14 @@ class WatchOptions:
     grace: float = 30.0
     report_dir: Path | None = None
     setup_env: bool = True
+    progress_timeout: float | None = None  # None: progress is reported, never a hang by itself
+    bind: str = "127.0.0.1"  # where the monitor listens for the ranks' agents
+
+
+@dataclass
+class _Stalled:
+    event: StallEvent
+    since: float  # seconds since the stopped ranks last advanced
 
 
 class _Interrupted(Exception):
@@ -69,6 +83,9 @@ def watch(opts: WatchOptions) -> int:
         raise UsageError(f"--timeout must be a positive number of seconds, got {opts.timeout:g}")
     if opts.grace < 0:
         raise UsageError(f"--grace must be zero or more seconds, got {opts.grace:g}")
+    if opts.progress_timeout is not None and not opts.progress_timeout > 0:
+        raise UsageError("--progress-timeout must be a positive number of seconds, got "
+                         f"{opts.progress_timeout:g}")
     executable = resolve_command(opts.command)
     env = dict(os.environ)
     tmpdir = None
@@ -78,6 +95,9 @@ def watch(opts: WatchOptions) -> int:
             say(f"set {change}")
     marker = uuid.uuid4().hex
     env[MARKER_VARIABLE] = marker
+    monitor = Monitor(bind=opts.bind, config=StallConfig(
+        stall_after=opts.progress_timeout or opts.timeout))
+    env.update(monitor.environment())
     become_subreaper()
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     proc = None
@@ -85,7 +105,7 @@ def watch(opts: WatchOptions) -> int:
         try:
             proc = subprocess.Popen([executable, *opts.command[1:]], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, env=env, bufsize=0)
-            watcher = _Watcher(opts, proc, JobTree(proc.pid, marker), env)
+            watcher = _Watcher(opts, proc, JobTree(proc.pid, marker), env, monitor)
         except _Interrupted as e:  # before the loop could take it: end what was started
             if proc is not None:
                 end_job(JobTree(proc.pid, marker), grace=opts.grace)
@@ -95,6 +115,7 @@ def watch(opts: WatchOptions) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        monitor.close()
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -104,8 +125,10 @@ def _raise_interrupted(signum, _frame):
 
 
 class _Watcher:
-    def __init__(self, opts: WatchOptions, proc: subprocess.Popen, tree: JobTree, env: dict):
+    def __init__(self, opts: WatchOptions, proc: subprocess.Popen, tree: JobTree, env: dict,
+                 monitor: Monitor):
         self.opts, self.proc, self.tree, self.env = opts, proc, tree, env
+        self.monitor = monitor
         self.tail = OutputTail()
         self.started = time.time()
         self.last_output = time.monotonic()
@@ -140,15 +163,29 @@ class _Watcher:
             idle = time.monotonic() - self.last_output
             if idle >= self.opts.timeout:
                 return self._hang(idle)
-            wait = self.opts.timeout - idle
-            if self.pidfd is None:
-                wait = min(wait, POLL_SECONDS)
+            wait = min(self.opts.timeout - idle, TICK)
             for key, _ in self.sel.select(timeout=wait):
                 if key.data == "exit":
                     return self._finished()
                 self._pump(key.fd)
             if self.pidfd is None and self.proc.poll() is not None:
                 return self._finished()
+            stalled = self._check_progress()
+            if stalled is not None:
+                return self._hang(stalled.since, detector="progress", reason=(
+                    f"no progress for {stalled.since:.0f} s (--progress-timeout "
+                    f"{self.opts.progress_timeout:g}): {stalled.event.summary}"))
+
+    def _check_progress(self) -> _Stalled | None:
+        """Runs stall detection; says each new finding; returns a stall that counts as a hang."""
+        hang = None
+        for event in self.monitor.step():
+            say(f"[{event.kind}] {event.summary}")
+            if self.opts.progress_timeout is not None and event.kind in HANG_KINDS:
+                since = min((r.since_progress for r in self.monitor.statuses()
+                             if r.rank in event.ranks), default=self.opts.progress_timeout)
+                hang = _Stalled(event, since)
+        return hang
 
     def _pump(self, fd: int) -> None:
         """Moves one chunk from the job to our stream; stops watching fd at end of file."""
@@ -181,20 +218,21 @@ class _Watcher:
                 f"left running: {', '.join(str(p.pid) for p in leftovers)}")
         return 128 - code if code < 0 else code
 
-    def _hang(self, idle: float) -> int:
+    def _hang(self, idle: float, *, detector: str = "output", reason: str | None = None) -> int:
         # Imported here: a job that never hangs should not pay for them at start-up.
-        from hangkit.monitor.capture import capture
         from hangkit.monitor.jobcontext import job_context
         from hangkit.monitor.report import build_report, render_summary
 
-        reason = f"no output for {idle:.0f} s (--timeout {self.opts.timeout:g})"
+        reason = reason or f"no output for {idle:.0f} s (--timeout {self.opts.timeout:g})"
         say(f"{reason}: capturing stacks of every process of the job")
         t0 = time.monotonic()
-        snapshots = capture(self.tree.pids())
+        ranks = self.monitor.statuses()
+        snapshots = capture_job(self.monitor, ranks, self.tree.pids())
         report = build_report(
             reason=reason, command=self.opts.command, idle_seconds=idle,
             processes=snapshots, last_lines=self.tail.lines(), context=job_context(self.env),
-            started_at=self.started, capture_seconds=time.monotonic() - t0)
+            started_at=self.started, capture_seconds=time.monotonic() - t0, detector=detector,
+            ranks=ranks, events=self.monitor.active_events())
         paths = self._write(report)
         for line in render_summary(report):
             write_all(2, (line + "\n").encode())
@@ -229,3 +267,25 @@ class _Watcher:
         say(line)
         if result.survivors:
             say(f"WARNING: could not end: {', '.join(map(str, result.survivors))}")
+
+
+def capture_job(monitor: Monitor, ranks: list[RankStatus], pids: list[int]
+                ) -> list[ProcessSnapshot]:
+    """Every process of the job: ranks' stacks from their agents where they answer (and from
+    faulthandler where the GIL is held), everything else from py-spy. Ranks on other nodes
+    come only from their agents."""
+    from hangkit.monitor.agentstacks import gather
+    from hangkit.monitor.capture import capture
+
+    live = [r.key for r in ranks if r.status not in ("dead", "finished", "errored")]
+    found = gather(monitor, live)
+    sources = {"agent": "its agent", "faulthandler": "a faulthandler dump"}
+    local = {a.pid: (a.threads, sources[a.source]) for a in found.values()
+             if a.host == monitor.host}
+    snapshots = capture(pids, known=local)
+    for a in found.values():
+        if a.host != monitor.host:
+            snapshots.append(ProcessSnapshot(
+                pid=a.pid, ppid=None, rank=a.rank, role="rank", cmdline=[], state="remote",
+                threads=a.threads, note=f"on {a.host}: stacks from {sources[a.source]}"))
+    return snapshots

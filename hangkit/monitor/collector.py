@@ -1,0 +1,148 @@
+"""The collector: per-rank state built from the agents' beats. No I/O and no clock of its own:
+every method takes `now`, so the monitor's thread, the watcher and tests drive it alike."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+from hangkit.records import Beat, RankStatus
+
+# Step rates and work per step are measured over the beats of this many recent seconds.
+WINDOW = 10.0
+
+
+@dataclass
+class Track:
+    """Everything the monitor knows about one rank."""
+
+    key: str
+    beat: Beat
+    identity: bytes  # where requests for this rank go
+    last_beat: float  # when the latest beat arrived
+    advanced_at: float  # when the rank last called progress(), in the monitor's clock
+    finished: bool = False  # said goodbye
+    gone: bool = False  # its process is known to have exited without saying goodbye
+    history: deque = field(default_factory=lambda: deque(maxlen=64))  # (t, step, coll_seconds)
+
+    @property
+    def rank(self) -> int | None:
+        return self.beat.rank
+
+    def rate_and_work(self, now: float) -> tuple[float | None, float | None]:
+        """Steps per second, and seconds of work (time outside collectives) per step, over the
+        window; None without two beats that differ in step."""
+        recent = [h for h in self.history if now - h[0] <= WINDOW]
+        if len(recent) < 2:
+            return None, None
+        (t0, s0, c0), (t1, s1, c1) = recent[0], recent[-1]
+        if not isinstance(s0, int | float) or not isinstance(s1, int | float) or s1 <= s0:
+            return (0.0, None) if t1 > t0 and s1 == s0 else (None, None)
+        steps = s1 - s0
+        return steps / (t1 - t0), max((t1 - t0) - (c1 - c0), 0.0) / steps
+
+
+def key_of(beat: Beat) -> str:
+    return f"rank {beat.rank}" if beat.rank is not None else f"pid {beat.pid}"
+
+
+class Collector:
+    def __init__(self):
+        self.tracks: dict[str, Track] = {}
+        self.world_size: int | None = None
+        self.beats = 0
+
+    def ingest(self, message: dict, now: float, identity: bytes = b"") -> Track | None:
+        """A verified beat or goodbye. Returns the rank's track."""
+        try:
+            beat = Beat.from_json(message)
+        except (TypeError, ValueError):
+            return None
+        self.beats += 1
+        key = key_of(beat)
+        advanced_at = now - max(beat.since_progress, 0.0)
+        track = self.tracks.get(key)
+        if track is None or track.beat.pid != beat.pid:  # new, or the rank was restarted
+            track = self.tracks[key] = Track(key, beat, identity, now, advanced_at)
+        else:
+            if beat.calls != track.beat.calls:
+                track.advanced_at = advanced_at
+            track.beat, track.identity, track.last_beat = beat, identity, now
+            track.gone = False
+        track.history.append((now, beat.step, beat.collective_seconds))
+        if message.get("type") == "bye":
+            track.finished = True
+        if beat.world_size:
+            self.world_size = beat.world_size
+        return track
+
+    def mark_gone(self, key: str) -> None:
+        track = self.tracks.get(key)
+        if track is not None and not track.finished:
+            track.gone = True
+
+    def statuses(self, now: float, *, stall_after: float, dead_after: float,
+                 slow_score: float) -> list[RankStatus]:
+        scores = self.straggler_scores(now)
+        out = []
+        for track in sorted(self.tracks.values(), key=_order):
+            beat = track.beat
+            beat_age = now - track.last_beat
+            since = now - track.advanced_at
+            collective = beat.collective
+            if collective is not None and collective.inside:
+                collective = dataclasses.replace(
+                    collective, seconds=round(collective.seconds + beat_age, 3))
+            out.append(RankStatus(
+                key=track.key, rank=beat.rank, pid=beat.pid, host=beat.host,
+                status=_status(track, beat_age, since, scores.get(track.key), stall_after,
+                               dead_after, slow_score),
+                step=beat.step, phase=beat.phase,
+                phase_seconds=round(beat.phase_seconds + beat_age, 3),
+                since_progress=round(since, 3), beat_age=round(beat_age, 3),
+                step_rate=_round(track.rate_and_work(now)[0]), collective=collective,
+                straggler_score=_round(scores.get(track.key)), fields=dict(beat.fields),
+                error=beat.error))
+        return out
+
+    def straggler_scores(self, now: float) -> dict[str, float]:
+        """Each live rank's work per step against the median of the others'. Work is time
+        outside collectives, so in synchronous training, where every rank takes the same
+        steps per second, the rank the others wait for still stands out (with instrument())."""
+        work = {}
+        for track in self.tracks.values():
+            if not (track.finished or track.gone):
+                w = track.rate_and_work(now)[1]
+                if w is not None:
+                    work[track.key] = w
+        scores = {}
+        for key, w in work.items():
+            others = [v for k, v in work.items() if k != key]
+            if others:
+                median = statistics.median(others)
+                scores[key] = w / median if median > 0 else (1.0 if w == 0 else float("inf"))
+        return scores
+
+
+def _status(track: Track, beat_age: float, since: float, score: float | None,
+            stall_after: float, dead_after: float, slow_score: float) -> str:
+    if track.finished:
+        return "errored" if track.beat.error else "finished"
+    if track.gone or beat_age >= dead_after:
+        return "dead"
+    if since >= stall_after:
+        collective = track.beat.collective
+        return "waiting" if collective is not None and collective.inside else "stalled"
+    if score is not None and score >= slow_score:
+        return "slow"
+    return "running"
+
+
+def _order(track: Track):
+    return (track.rank is None, track.rank if track.rank is not None else track.beat.pid)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)

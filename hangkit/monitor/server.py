@@ -1,0 +1,212 @@
+"""The monitor's end of the wire: a ROUTER socket and one thread that turns beats into state.
+
+Where the person is (`hangkit watch`, a notebook kernel) a Monitor binds 127.0.0.1 by default,
+or an interface the compute nodes reach for multi-node jobs. Its thread verifies every message
+(see hangkit.transport), feeds the collector, notices local ranks whose process is gone, and
+carries stack requests to the agents. Callers read state under `lock` and ask for stacks with
+request_stacks(); neither ever waits without a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import socket
+import threading
+import time
+
+import psutil
+import zmq
+
+from hangkit.errors import UsageError
+from hangkit.monitor.collector import Collector
+from hangkit.monitor.stall import StallConfig, StallDetector
+from hangkit.records import RankStatus, StallEvent, ThreadStack
+from hangkit.transport import MONITOR_ADDRESS, MONITOR_KEY, Signer, Verifier, new_key
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 250
+LIVENESS_SECONDS = 1.0  # how often local ranks' processes are checked for having exited
+
+
+class Monitor:
+    def __init__(self, *, bind: str = "127.0.0.1", port: int = 0, key: str | None = None,
+                 advertise: str | None = None, config: StallConfig | None = None,
+                 clock=time.monotonic):
+        self.key = key or new_key()
+        self.clock = clock
+        self.collector = Collector()
+        self.detector = StallDetector(self.collector, config)
+        self.lock = threading.Lock()
+        self.verifier = Verifier(self.key)
+        self._signer = Signer(self.key)
+        self._ctx = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished rank is not an error
+        try:
+            if port:
+                self._router.bind(f"tcp://{bind}:{port}")
+                bound = port
+            else:
+                bound = self._router.bind_to_random_port(f"tcp://{bind}")
+        except zmq.ZMQError as e:
+            self._ctx.destroy(linger=0)
+            raise UsageError(f"cannot listen on {bind}:{port or 'a free port'}: {e}") from None
+        host = advertise or (socket.gethostname() if bind in ("0.0.0.0", "*") else bind)
+        self.address = f"tcp://{host}:{bound}"
+        self.host = socket.gethostname()
+        # Requests go from callers' threads to the monitor's thread through an inproc pair.
+        self._wake_addr = f"inproc://hangkit-monitor-{id(self)}"
+        self._wake_in = self._ctx.socket(zmq.PAIR)
+        self._wake_in.bind(self._wake_addr)
+        self._wake_out = self._ctx.socket(zmq.PAIR)
+        self._wake_out.connect(self._wake_addr)
+        self._wake_lock = threading.Lock()
+        self._pending: list[tuple[int, list[bytes], list[bytes]]] = []
+        self._replies: dict[int, dict[str, list[ThreadStack]]] = {}
+        self._replied = threading.Condition(self.lock)
+        self._request_ids = itertools.count(1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hangkit-monitor", daemon=True)
+        self._thread.start()
+
+    def environment(self) -> dict[str, str]:
+        """What a rank's environment needs for its agent to report here."""
+        return {MONITOR_ADDRESS: self.address, MONITOR_KEY: self.key}
+
+    def step(self, now: float | None = None) -> list[StallEvent]:
+        """New stall events; the caller's loop decides how often to ask."""
+        with self.lock:
+            return self.detector.step(self.clock() if now is None else now)
+
+    def statuses(self, now: float | None = None) -> list[RankStatus]:
+        with self.lock:
+            return self.detector.statuses(self.clock() if now is None else now)
+
+    def active_events(self) -> list[StallEvent]:
+        with self.lock:
+            return list(self.detector.active.values())
+
+    def request_stacks(self, keys: list[str], *, timeout: float = 1.0
+                       ) -> dict[str, list[ThreadStack]]:
+        """Asks the agents of these ranks for their stacks; returns those that answered in time."""
+        with self.lock:
+            targets = [(k, self.collector.tracks[k].identity) for k in keys
+                       if k in self.collector.tracks]
+        if not targets:
+            return {}
+        rid = next(self._request_ids)
+        frames = self._signer.frames({"type": "stacks?", "request": rid})
+        with self._wake_lock:
+            self._pending.append((rid, [identity for _, identity in targets], frames))
+            self._wake_out.send(b"")
+        wanted = {k for k, _ in targets}
+        deadline = time.monotonic() + timeout
+        with self._replied:
+            self._replies[rid] = {}
+            while not wanted <= self._replies[rid].keys():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._replied.wait(left)
+            return self._replies.pop(rid)
+
+    def close(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        with self._wake_lock, contextlib.suppress(zmq.ZMQError):
+            self._wake_out.send(b"", zmq.NOBLOCK)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._ctx.destroy(linger=0)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # The thread
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_in, zmq.POLLIN)
+        next_liveness = 0.0
+        while not self._stop.is_set():
+            try:
+                ready = dict(poller.poll(POLL_MS))
+                if self._wake_in in ready:
+                    self._send_requests()
+                if self._router in ready:
+                    self._receive()
+                now = self.clock()
+                if now >= next_liveness:
+                    self._check_liveness()
+                    next_liveness = now + LIVENESS_SECONDS
+            except zmq.ZMQError:
+                if self._stop.is_set():
+                    return
+                log.debug("monitor iteration failed", exc_info=True)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity, message = frames[0], self.verifier.open(frames[1:])
+            if message is None:
+                continue
+            kind = message.get("type")
+            with self.lock:
+                if kind in ("beat", "bye"):
+                    self.collector.ingest(message, self.clock(), identity)
+                elif kind == "stacks":
+                    self._store_reply(message)
+
+    def _store_reply(self, message: dict) -> None:
+        replies = self._replies.get(message.get("request"))
+        if replies is None:
+            return  # late: its caller stopped waiting
+        try:
+            threads = [ThreadStack.from_json(t) for t in message.get("threads", [])]
+        except (KeyError, TypeError):
+            return
+        key = f"rank {message['rank']}" if message.get("rank") is not None \
+            else f"pid {message.get('pid')}"
+        replies[key] = threads
+        self._replied.notify_all()
+
+    def _send_requests(self) -> None:
+        with self._wake_lock:
+            pending, self._pending = self._pending, []
+            while True:
+                try:
+                    self._wake_in.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+        for _, identities, frames in pending:
+            for identity in identities:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._router.send_multipart([identity, *frames], zmq.NOBLOCK)
+
+    def _check_liveness(self) -> None:
+        with self.lock:
+            local = [(t.key, t.beat.pid) for t in self.collector.tracks.values()
+                     if t.beat.host == self.host and not (t.finished or t.gone)]
+        for key, pid in local:
+            if not _alive(pid):
+                with self.lock:
+                    self.collector.mark_gone(key)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.Error:
+        return True  # not ours to look at, but there

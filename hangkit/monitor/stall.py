@@ -1,0 +1,179 @@
+"""Stall detection: a pure step(now) -> new events over the collector's state.
+
+No sleeping and no clock inside: the caller passes `now` (the watcher's loop, the notebook
+monitor's thread, or a test's fake clock). Each condition is reported once, when it starts; it
+can be reported again after it has cleared.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from hangkit.monitor.collector import Collector
+from hangkit.monitor.merge import who
+from hangkit.records import RankStatus, StallEvent
+
+# Kinds that mean the job is not advancing (watch --progress-timeout treats them as a hang).
+HANG_KINDS = ("stall", "stopped")
+
+
+@dataclass
+class StallConfig:
+    stall_after: float = 60.0  # seconds without progress that make a rank stopped
+    dead_after: float = 5.0  # seconds without a beat that make a rank dead
+    straggler_score: float = 2.0  # work per step, against the other ranks' median
+    desync_after: float = 2.0  # ranks in different collectives for this long is a desync
+
+
+class StallDetector:
+    def __init__(self, collector: Collector, config: StallConfig | None = None):
+        self.collector = collector
+        self.config = config or StallConfig()
+        self.active: dict[tuple, StallEvent] = {}
+        self._desync_since: dict[tuple, float] = {}
+
+    def statuses(self, now: float) -> list[RankStatus]:
+        c = self.config
+        return self.collector.statuses(now, stall_after=c.stall_after, dead_after=c.dead_after,
+                                       slow_score=c.straggler_score)
+
+    def step(self, now: float) -> list[StallEvent]:
+        ranks = self.statuses(now)
+        found: dict[tuple, StallEvent] = {}
+        for finder in (self._dead, self._stall, self._desync, self._stragglers):
+            found.update(finder(ranks, now))
+        new = [e for k, e in found.items() if k not in self.active]
+        self.active = {k: self.active.get(k, e) for k, e in found.items()}
+        return new
+
+    # Each finder returns {condition key: event} for the conditions that hold now.
+
+    def _dead(self, ranks: list[RankStatus], now: float) -> dict:
+        out = {}
+        for r in ranks:
+            if r.status != "dead":
+                continue
+            track = self.collector.tracks[r.key]
+            why = (f"its process {r.pid} on {r.host} exited" if track.gone
+                   else f"no beat for {r.beat_age:.0f} s (process {r.pid} on {r.host}: gone, "
+                   "stopped, or its main thread holds the GIL)")
+            where = f" in phase {r.phase!r}" if r.phase else ""
+            step = f" at step {r.step}" if r.step is not None else ""
+            out[("dead", r.key)] = StallEvent(
+                "dead", f"{r.key} is dead: {why}; last seen{where}{step}",
+                ranks=_ranks([r]), at=now)
+        return out
+
+    def _stall(self, ranks: list[RankStatus], now: float) -> dict:
+        live = [r for r in ranks if r.status not in ("finished", "errored")]
+        stopped = [r for r in live if r.since_progress >= self.config.stall_after]
+        if not stopped:
+            return {}
+        advancing = [r for r in live if r.since_progress < self.config.stall_after]
+        if advancing:
+            verb = "still advance" if len(advancing) > 1 else "still advances"
+            summary = (f"{_who(stopped)} stopped advancing: {_where_all(stopped)}; "
+                       f"{_who(advancing)} {verb}")
+            return {("stopped", tuple(r.key for r in stopped)): StallEvent(
+                "stopped", summary, ranks=_ranks(stopped), at=now)}
+        latest = min(r.since_progress for r in stopped)
+        waiting = [r for r in stopped if r.status == "waiting"]
+        culprits = [r for r in stopped if r.status != "waiting"]
+        parts = []
+        if culprits:
+            parts.append(_where_all(culprits))
+        parts += [f"{_who(g)} {'wait' if len(g) > 1 else 'waits'} in {c}"
+                  for c, g in _by_collective(waiting).items()]
+        missing = self._never_reported()
+        if missing:
+            parts.append(f"{who(missing, [])} never reported progress")
+        summary = f"no rank advanced for {latest:.0f} s: " + "; ".join(parts)
+        return {("stall",): StallEvent("stall", summary, ranks=_ranks(culprits) or missing,
+                                       at=now)}
+
+    def _desync(self, ranks: list[RankStatus], now: float) -> dict:
+        by_comm = defaultdict(list)
+        for r in ranks:
+            c = r.collective
+            if c is not None and c.inside and r.status not in ("dead", "finished", "errored"):
+                by_comm[(c.library, c.comm)].append(r)
+        out, seen = {}, set()
+        for comm, members in by_comm.items():
+            groups = _by_collective(members)
+            if len(groups) < 2:
+                continue
+            signature = (comm, tuple(sorted((r.key, r.collective.op, r.collective.seq)
+                                            for r in members)))
+            seen.add(signature)
+            since = self._desync_since.setdefault(signature, now)
+            if now - since < self.config.desync_after:
+                continue
+            ordered = sorted(groups.items(), key=lambda kv: (len(kv[1]), kv[1][0].rank or 0))
+            summary = "; ".join(f"{_who(g)} {'are' if len(g) > 1 else 'is'} in {c}"
+                                for c, g in ordered)
+            out[("desync", signature)] = StallEvent(
+                "desync", summary, ranks=_ranks(ordered[0][1]), at=now,
+                case="MP-02" if comm[0] == "mpi" else "TD-02")
+        self._desync_since = {k: v for k, v in self._desync_since.items() if k in seen}
+        return out
+
+    def _stragglers(self, ranks: list[RankStatus], now: float) -> dict:
+        scores = {r.key: r.straggler_score for r in ranks if r.straggler_score is not None}
+        out = {}
+        for r in ranks:
+            if r.status != "slow":
+                continue
+            others = sorted(s for k, s in scores.items() if k != r.key)
+            summary = (f"{r.key} is a straggler: {r.straggler_score:.1f}x the other ranks' "
+                       "median work per step (time outside collectives)")
+            if r.step_rate is not None:
+                summary += f"; {r.step_rate:.2f} steps/s"
+            if others:
+                summary += f"; other ranks score {others[0]:.1f}-{others[-1]:.1f}"
+            out[("straggler", r.key)] = StallEvent(
+                "straggler", summary, ranks=_ranks([r]), at=now,
+                scores={k: round(v, 2) for k, v in scores.items()})
+        return out
+
+    def _never_reported(self) -> list[int]:
+        size = self.collector.world_size
+        if not size:
+            return []
+        seen = {t.rank for t in self.collector.tracks.values()}
+        return [r for r in range(size) if r not in seen]
+
+
+def _ranks(statuses: list[RankStatus]) -> list[int]:
+    return sorted(r.rank for r in statuses if r.rank is not None)
+
+
+def _who(statuses: list[RankStatus]) -> str:
+    ranks = _ranks(statuses)
+    if len(ranks) == len(statuses):
+        return who(ranks, [])
+    return ", ".join(r.key for r in statuses)
+
+
+def _where(r: RankStatus) -> str:
+    parts = []
+    if r.phase:
+        parts.append(f"in phase {r.phase!r} for {r.phase_seconds:.0f} s")
+    if r.step is not None:
+        parts.append(f"at step {r.step}")
+    if r.status == "dead":
+        parts.append("dead")
+    elif r.collective is not None and not r.collective.inside:
+        parts.append(f"not in a collective (last: {r.collective.describe()})")
+    return " ".join(parts) or "no phase reported"
+
+
+def _where_all(statuses: list[RankStatus]) -> str:
+    return "; ".join(f"{r.key} {_where(r)}" for r in statuses)
+
+
+def _by_collective(statuses: list[RankStatus]) -> dict[str, list[RankStatus]]:
+    groups: dict[str, list[RankStatus]] = defaultdict(list)
+    for r in statuses:
+        groups[r.collective.describe()].append(r)
+    return groups
