@@ -1,12 +1,17 @@
 """hangkit: prevent, detect, locate and explain hangs in distributed PyTorch training."""
 
+from hangkit.agent import instrument, progress, start_agent, stop_agent
 from hangkit.errors import CaptureError, HangkitError, UsageError
 from hangkit.records import (
+    Beat,
+    CollectiveState,
     Diagnosis,
     Frame,
     HangReport,
     ProcessSnapshot,
+    RankStatus,
     StackGroup,
+    StallEvent,
     ThreadStack,
     TreeNode,
 )
@@ -14,15 +19,33 @@ from hangkit.records import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Beat",
     "CaptureError",
+    "CollectiveState",
     "Diagnosis",
     "Frame",
     "HangReport",
     "HangkitError",
+    "Monitor",
     "ProcessSnapshot",
+    "RankStatus",
     "StackGroup",
+    "StallEvent",
     "ThreadStack",
     "TreeNode",
     "UsageError",
     "__version__",
+    "instrument",
+    "progress",
+    "start_agent",
+    "stop_agent",
 ]
+
+
+def __getattr__(name: str):
+    # The monitor pulls in pyzmq and psutil; a rank that only calls progress() never needs it.
+    if name == "Monitor":
+        from hangkit.monitor.server import Monitor
+
+        return Monitor
+    raise AttributeError(f"module 'hangkit' has no attribute {name!r}")

@@ -39,12 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("watch", help="run a command; on a hang, record where every process is "
                        "stuck, then end it", description="Run COMMAND, passing its output "
-                       "through. When it prints nothing for --timeout seconds, capture every "
+                       "through. When it prints nothing for --timeout seconds, or its ranks "
+                       "report no progress for --progress-timeout seconds, capture every "
                        "process's stacks, write hang-report.json and hang-report.md, print a "
                        "summary, end the job and exit 124.")
     w.add_argument("--timeout", type=_seconds, default=None, metavar="S",
                    help="seconds without output that count as a hang (default: $HANG_TIMEOUT, "
                    f"else {DEFAULT_TIMEOUT:g})")
+    w.add_argument("--progress-timeout", type=_seconds, default=None, metavar="S",
+                   help="seconds without hangkit.progress() from the ranks that count as a "
+                   "hang, even while output continues (default: off; progress is still "
+                   "reported)")
+    w.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
+                   help="interface the monitor listens on for the ranks' agents; use one the "
+                   "compute nodes reach for multi-node jobs (default: 127.0.0.1)")
     w.add_argument("--grace", type=_seconds, default=30.0, metavar="S",
                    help="seconds between SIGTERM and SIGKILL (default: 30)")
     w.add_argument("--report-dir", type=Path, default=None, metavar="DIR",
@@ -74,7 +82,8 @@ def _watch(args) -> int:
         except ValueError:
             raise UsageError(f"HANG_TIMEOUT is not a number of seconds: {env_value!r}") from None
     return watch(WatchOptions(command=command, timeout=timeout, grace=args.grace,
-                              report_dir=args.report_dir, setup_env=args.setup_env))
+                              report_dir=args.report_dir, setup_env=args.setup_env,
+                              progress_timeout=args.progress_timeout, bind=args.bind))
 
 
 def _demo(args) -> int:

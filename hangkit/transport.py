@@ -92,6 +92,9 @@ class Verifier:
         except (ValueError, TypeError, KeyError):
             self.dropped.malformed += 1
             return None
+        if not isinstance(sender, str) or type(seq) is not int:
+            self.dropped.malformed += 1
+            return None
         last = self._last_seq.get(sender)
         if last is not None and seq <= last:
             self.dropped.replayed += 1

@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 INTERVAL = 1.0  # a beat at least this often
 TICK = 0.1  # how often the sidecar looks at the progress state, and its timing resolution
-MIN_GAP = 0.2  # a phase change is published at once, but not more often than this
+MIN_GAP = 0.2  # a phase or collective change is published at once, but not more often
 SEND_HWM = 8
+BYE_LINGER_MS = 200
 
 _agent: Agent | None = None
 _lock = threading.Lock()
@@ -57,11 +58,14 @@ class Agent:
         self._sock.connect(address)
         self.fault_dump = FaultDump()
         self._stop = threading.Event()
+        # Set once a beat has gone out: the monitor knows this rank from then on.
+        self.reported = threading.Event()
         self._seen_calls = -1
         self._seen_phase = object()
         self._progress_at = self._phase_at = time.monotonic()
         self._sent_at = float("-inf")
         self._sent_phase = object()
+        self._sent_collective = None
         self._thread = threading.Thread(target=self._run, name="hangkit-sidecar", daemon=True)
 
     def start(self) -> Agent:
@@ -76,7 +80,9 @@ class Agent:
         self._thread.join(timeout)
         if not self._thread.is_alive():
             self._send({"type": "bye", **self._beat().to_json()})
-        self._sock.close(linger=0)
+        # A short linger lets the goodbye leave; with no monitor connected nothing is queued
+        # (IMMEDIATE), so this never waits longer than BYE_LINGER_MS.
+        self._sock.close(linger=BYE_LINGER_MS)
         self._ctx.term()
         self.fault_dump.close()
 
@@ -103,11 +109,14 @@ class Agent:
         if changed_phase:
             self._seen_phase, self._phase_at = s.phase, now
         due = now - self._sent_at >= self.interval
-        if not due and s.phase != self._sent_phase and now - self._sent_at >= MIN_GAP:
-            due = True
+        if not due and now - self._sent_at >= MIN_GAP:
+            # A new phase or collective is news: it is what a stalled rank is stuck in.
+            due = s.phase != self._sent_phase or s.collective is not self._sent_collective
         if due:
-            self._sent_at, self._sent_phase = now, s.phase
-            if not self._send({"type": "beat", **self._beat(now).to_json()}):
+            self._sent_at, self._sent_phase, self._sent_collective = now, s.phase, s.collective
+            if self._send({"type": "beat", **self._beat(now).to_json()}):
+                self.reported.set()
+            else:
                 self.dropped_beats += 1
 
     def _beat(self, now: float | None = None) -> Beat:

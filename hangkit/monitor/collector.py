@@ -58,11 +58,13 @@ class Collector:
         """A verified beat or goodbye. Returns the rank's track."""
         try:
             beat = Beat.from_json(message)
+            since = max(float(beat.since_progress), 0.0)
+            float(beat.collective_seconds)
         except (TypeError, ValueError):
-            return None
+            return None  # signed but not a beat this version understands
         self.beats += 1
         key = key_of(beat)
-        advanced_at = now - max(beat.since_progress, 0.0)
+        advanced_at = now - since
         track = self.tracks.get(key)
         if track is None or track.beat.pid != beat.pid:  # new, or the rank was restarted
             track = self.tracks[key] = Track(key, beat, identity, now, advanced_at)
@@ -115,8 +117,9 @@ class Collector:
         for track in self.tracks.values():
             if not (track.finished or track.gone):
                 w = track.rate_and_work(now)[1]
-                if w is not None:
-                    work[track.key] = w
+                if w is None:
+                    return {}  # compare only when every live rank has been measured
+                work[track.key] = w
         scores = {}
         for key, w in work.items():
             others = [v for k, v in work.items() if k != key]

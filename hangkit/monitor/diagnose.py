@@ -78,8 +78,10 @@ def diagnose(processes: list[ProcessSnapshot], events: list[StallEvent] = ()
              ) -> list[Diagnosis]:
     found = from_events(events)
     if found:
-        # A dead rank or a desync explains "everyone waits in the same collective" better.
-        found += [d for rule in RULES for d in rule(processes) if d.kind != "all-in-collective"]
+        # A dead rank or a desync read from sequence numbers explains more than the same
+        # finding read from stacks, or "everyone waits in the same collective".
+        known = {d.kind for d in found} | {"all-in-collective"}
+        found += [d for rule in RULES for d in rule(processes) if d.kind not in known]
     else:
         found = [d for rule in RULES for d in rule(processes)]
     if not found:

@@ -161,11 +161,15 @@ class Monitor:
             if message is None:
                 continue
             kind = message.get("type")
-            with self.lock:
-                if kind in ("beat", "bye"):
-                    self.collector.ingest(message, self.clock(), identity)
-                elif kind == "stacks":
-                    self._store_reply(message)
+            try:
+                with self.lock:
+                    if kind in ("beat", "bye"):
+                        self.collector.ingest(message, self.clock(), identity)
+                    elif kind == "stacks":
+                        self._store_reply(message)
+            except Exception:  # one odd message must not stop the monitor for every rank
+                self.verifier.dropped.malformed += 1
+                log.debug("message not understood: %r", message, exc_info=True)
 
     def _store_reply(self, message: dict) -> None:
         replies = self._replies.get(message.get("request"))

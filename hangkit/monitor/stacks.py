@@ -11,6 +11,9 @@ from hangkit.records import Frame, ProcessSnapshot, ThreadStack
 # The slash after each match is a lookahead, so stdlib and site-packages matches can touch.
 _LIBRARY_PATH = re.compile(r"/(?:(?:site|dist)-packages|lib(?:64)?/python\d+\.\d+)(?=/)")
 _DEMO_PATH = f"{os.sep}hangkit{os.sep}demo{os.sep}"
+# hangkit's own rank-side code (progress(), the collective wrappers) is a library, even when
+# hangkit is installed from a checkout (pip install -e) rather than into site-packages.
+_AGENT_PATH = f"{os.sep}hangkit{os.sep}agent{os.sep}"
 
 
 def is_user_frame(frame: Frame) -> bool:
@@ -20,7 +23,7 @@ def is_user_frame(frame: Frame) -> bool:
     run another Python (a conda module) than the watcher does. hangkit's demo job stands in for
     user code, so it counts as such wherever hangkit is installed.
     """
-    if frame.native or frame.file.startswith("<"):
+    if frame.native or frame.file.startswith("<") or _AGENT_PATH in frame.file:
         return False
     return _DEMO_PATH in frame.file or not _LIBRARY_PATH.search(frame.file)
 
@@ -58,8 +61,14 @@ def innermost_user_frame(thread: ThreadStack) -> Frame | None:
     return next((f for f in reversed(thread.frames) if is_user_frame(f)), None)
 
 
+def is_instrumentation(frame: Frame) -> bool:
+    """hangkit's own wrappers around collectives: transparent, never where a rank "is"."""
+    return not frame.native and _AGENT_PATH in frame.file
+
+
 def innermost_python_frame(thread: ThreadStack) -> Frame | None:
-    return next((f for f in reversed(thread.frames) if not f.native), None)
+    return next((f for f in reversed(thread.frames)
+                 if not f.native and not is_instrumentation(f)), None)
 
 
 def tree_frames(thread: ThreadStack) -> list[Frame]:
@@ -73,6 +82,8 @@ def tree_frames(thread: ThreadStack) -> list[Frame]:
     while start < len(thread.frames) and "runpy" in thread.frames[start].file:
         start += 1  # `python -m` start-up frames, the same in every process
     for i, f in enumerate(thread.frames[start:], start):
+        if is_instrumentation(f):
+            continue
         if not f.native:
             frames.append(f)
         elif i > start and not thread.frames[i - 1].native and not _is_interpreter(f):
@@ -95,6 +106,8 @@ def source_line(frame: Frame) -> str:
 def main_location(p: ProcessSnapshot) -> str:
     """Where a process's main thread stands, in the user's terms."""
     thread = p.main_thread
+    if thread is None and p.state == "exited":
+        return f"exited ({p.note})" if p.note else "exited"
     if thread is None:
         return f"no stack ({p.stack_error or 'not captured'})"
     frame = innermost_user_frame(thread) or innermost_python_frame(thread)

@@ -14,6 +14,8 @@ from hangkit.monitor.collector import Collector
 from hangkit.monitor.merge import who
 from hangkit.records import RankStatus, StallEvent
 
+# How much later than a stopped rank another rank must have advanced to count as advancing.
+ADVANCE_MARGIN = 1.0
 # Kinds that mean the job is not advancing (watch --progress-timeout treats them as a hang).
 HANG_KINDS = ("stall", "stopped")
 
@@ -66,21 +68,30 @@ class StallDetector:
         return out
 
     def _stall(self, ranks: list[RankStatus], now: float) -> dict:
-        live = [r for r in ranks if r.status not in ("finished", "errored")]
+        # Dead ranks are reported by _dead; here they only explain why the others wait.
+        live = [r for r in ranks if r.status not in ("finished", "errored", "dead")]
+        dead = [r for r in ranks if r.status == "dead"]
         stopped = [r for r in live if r.since_progress >= self.config.stall_after]
         if not stopped:
             return {}
-        advancing = [r for r in live if r.since_progress < self.config.stall_after]
+        # Others "still advance" only if they advanced well after the stopped ranks last did:
+        # in lockstep training every rank stops within milliseconds of the first, and that is
+        # one stall of all, not one rank stopping while the others go on.
+        last_stop = min(r.since_progress for r in stopped)
+        advancing = [r for r in live if r.since_progress < last_stop - ADVANCE_MARGIN]
         if advancing:
             verb = "still advance" if len(advancing) > 1 else "still advances"
             summary = (f"{_who(stopped)} stopped advancing: {_where_all(stopped)}; "
                        f"{_who(advancing)} {verb}")
             return {("stopped", tuple(r.key for r in stopped)): StallEvent(
                 "stopped", summary, ranks=_ranks(stopped), at=now)}
-        latest = min(r.since_progress for r in stopped)
+        if len(stopped) < len(live):
+            return {}  # the rest stopped too, but not yet for stall_after
         waiting = [r for r in stopped if r.status == "waiting"]
         culprits = [r for r in stopped if r.status != "waiting"]
         parts = []
+        if dead:
+            parts.append(f"{_who(dead)} {'are' if len(dead) > 1 else 'is'} dead")
         if culprits:
             parts.append(_where_all(culprits))
         parts += [f"{_who(g)} {'wait' if len(g) > 1 else 'waits'} in {c}"
@@ -88,9 +99,9 @@ class StallDetector:
         missing = self._never_reported()
         if missing:
             parts.append(f"{who(missing, [])} never reported progress")
-        summary = f"no rank advanced for {latest:.0f} s: " + "; ".join(parts)
-        return {("stall",): StallEvent("stall", summary, ranks=_ranks(culprits) or missing,
-                                       at=now)}
+        summary = f"no rank advanced for {last_stop:.0f} s: " + "; ".join(parts)
+        blamed = _ranks(dead) or _ranks(culprits) or missing  # a dead rank explains the rest
+        return {("stall",): StallEvent("stall", summary, ranks=blamed, at=now)}
 
     def _desync(self, ranks: list[RankStatus], now: float) -> dict:
         by_comm = defaultdict(list)
@@ -161,11 +172,9 @@ def _where(r: RankStatus) -> str:
         parts.append(f"in phase {r.phase!r} for {r.phase_seconds:.0f} s")
     if r.step is not None:
         parts.append(f"at step {r.step}")
-    if r.status == "dead":
-        parts.append("dead")
-    elif r.collective is not None and not r.collective.inside:
+    if r.collective is not None and not r.collective.inside:
         parts.append(f"not in a collective (last: {r.collective.describe()})")
-    return " ".join(parts) or "no phase reported"
+    return ", ".join(parts) or "no phase reported"
 
 
 def _where_all(statuses: list[RankStatus]) -> str:

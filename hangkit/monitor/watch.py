@@ -95,8 +95,10 @@ def watch(opts: WatchOptions) -> int:
             say(f"set {change}")
     marker = uuid.uuid4().hex
     env[MARKER_VARIABLE] = marker
+    stall_after = opts.progress_timeout or opts.timeout
+    # A desync must be established before the stall it causes is reported as a hang.
     monitor = Monitor(bind=opts.bind, config=StallConfig(
-        stall_after=opts.progress_timeout or opts.timeout))
+        stall_after=stall_after, desync_after=min(2.0, stall_after / 2)))
     env.update(monitor.environment())
     become_subreaper()
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -173,8 +175,8 @@ class _Watcher:
             stalled = self._check_progress()
             if stalled is not None:
                 return self._hang(stalled.since, detector="progress", reason=(
-                    f"no progress for {stalled.since:.0f} s (--progress-timeout "
-                    f"{self.opts.progress_timeout:g}): {stalled.event.summary}"))
+                    f"{stalled.event.summary} (--progress-timeout "
+                    f"{self.opts.progress_timeout:g})"))
 
     def _check_progress(self) -> _Stalled | None:
         """Runs stall detection; says each new finding; returns a stall that counts as a hang."""
@@ -283,6 +285,10 @@ def capture_job(monitor: Monitor, ranks: list[RankStatus], pids: list[int]
     local = {a.pid: (a.threads, sources[a.source]) for a in found.values()
              if a.host == monitor.host}
     snapshots = capture(pids, known=local)
+    ranks_by_pid = {r.pid: r.rank for r in ranks if r.host == monitor.host}
+    for s in snapshots:
+        if s.rank is None:  # e.g. a rank already gone: its environment is unreadable
+            s.rank = ranks_by_pid.get(s.pid)
     for a in found.values():
         if a.host != monitor.host:
             snapshots.append(ProcessSnapshot(
