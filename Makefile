@@ -22,6 +22,7 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_watch.py
+	$(PY) benchmarks/bench_agent.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -20,6 +20,7 @@ import traceback
 
 from hangkit.agent import beacon
 from hangkit.agent.threadstacks import FaultDump, current_stacks
+from hangkit.errors import UsageError
 from hangkit.rankenv import rank_from_environ, world_size_from_environ
 from hangkit.records import Beat, CollectiveState
 from hangkit.transport import Signer, Verifier, monitor_from_environ
@@ -183,7 +184,10 @@ def start_agent(address: str | None = None, key: str | None = None, *, rank: int
             if found is None:
                 return None
             address, key = address or found[0], key or found[1]
-        _agent = Agent(address, key, rank=rank, world_size=world_size).start()
+        try:
+            _agent = Agent(address, key, rank=rank, world_size=world_size).start()
+        except Exception as e:  # zmq.ZMQError: an address zmq cannot parse
+            raise UsageError(f"cannot report to the monitor at {address!r}: {e}") from e
         beacon._autostart_done = True
         atexit.register(stop_agent)
         _chain_excepthook()

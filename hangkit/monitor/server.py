@@ -10,6 +10,7 @@ request_stacks(); neither ever waits without a deadline.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import socket
@@ -89,6 +90,13 @@ class Monitor:
     def active_events(self) -> list[StallEvent]:
         with self.lock:
             return list(self.detector.active.values())
+
+    def stats(self) -> dict:
+        """What a report says about the monitor: where it listened, what it took and refused."""
+        with self.lock:
+            return {"address": self.address, "ranks": len(self.collector.tracks),
+                    "beats": self.collector.beats,
+                    "dropped": dataclasses.asdict(self.verifier.dropped)}
 
     def request_stacks(self, keys: list[str], *, timeout: float = 1.0
                        ) -> dict[str, list[ThreadStack]]:

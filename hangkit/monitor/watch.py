@@ -230,9 +230,10 @@ class _Watcher:
         t0 = time.monotonic()
         ranks = self.monitor.statuses()
         snapshots = capture_job(self.monitor, ranks, self.tree.pids())
+        context = {**job_context(self.env), "monitor": self.monitor.stats()}
         report = build_report(
             reason=reason, command=self.opts.command, idle_seconds=idle,
-            processes=snapshots, last_lines=self.tail.lines(), context=job_context(self.env),
+            processes=snapshots, last_lines=self.tail.lines(), context=context,
             started_at=self.started, capture_seconds=time.monotonic() - t0, detector=detector,
             ranks=ranks, events=self.monitor.active_events())
         paths = self._write(report)
