@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from conftest import mpiexec, program
 from test_watch_hangs import HANG, assert_all_gone, kinds
@@ -103,15 +103,21 @@ def test_rank_killed_with_sigkill_is_dead_while_the_others_wait(run_watch):
 def ranks_reporting_to(monitor: Monitor, command: list[str], extra_env: dict | None = None):
     """Runs a job whose agents report to monitor; ends its whole session afterwards."""
     env = {**os.environ, **monitor.environment(), **(extra_env or {})}
-    proc = subprocess.Popen(command, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    job: list[psutil.Process] = []
     try:
         yield proc
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.Error):
+            job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in job:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
         proc.wait(timeout=10)
         proc.stderr.close()
+        # Killed is not yet gone: wait until every process has really exited.
+        gone, alive = psutil.wait_procs(job, timeout=10)
+        assert not alive, f"could not end {alive}"
 
 
 def wait_for_event(monitor: Monitor, kind: str, proc, *, deadline: float):

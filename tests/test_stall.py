@@ -6,11 +6,13 @@ now); the detector is stepped with step(now) at the fake times a test chooses.
 
 from __future__ import annotations
 
+import random
+import statistics
 from dataclasses import dataclass
 
 import pytest
 
-from hangkit.monitor.collector import Collector
+from hangkit.monitor.collector import Collector, _median_without
 from hangkit.monitor.diagnose import ADVICE, diagnose
 from hangkit.monitor.stall import StallConfig, StallDetector
 from hangkit.records import Beat, CollectiveState, StallEvent
@@ -406,3 +408,12 @@ def test_diagnose_turns_a_dead_event_into_dead_rank():
     found = diagnose(processes=[], events=[event])
     assert [(d.kind, d.ranks) for d in found] == [("dead-rank", [1])], [d.to_json() for d in found]
     assert found[0].summary == event.summary
+
+
+def test_median_of_the_others_matches_the_plain_median():
+    rng = random.Random(7)
+    for _ in range(500):
+        count = rng.randint(2, 9)
+        values = sorted(rng.choice([0.0, 1.0, 2.0, rng.random()]) for _ in range(count))
+        i = rng.randrange(len(values))
+        assert _median_without(values, i) == statistics.median(values[:i] + values[i + 1:])

@@ -3,8 +3,8 @@ every method takes `now`, so the monitor's thread, the watcher and tests drive i
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
-import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -120,13 +120,24 @@ class Collector:
                 if w is None:
                     return {}  # compare only when every live rank has been measured
                 work[track.key] = w
+        if len(work) < 2:
+            return {}
+        ordered = sorted(work.values())
         scores = {}
         for key, w in work.items():
-            others = [v for k, v in work.items() if k != key]
-            if others:
-                median = statistics.median(others)
-                scores[key] = w / median if median > 0 else (1.0 if w == 0 else float("inf"))
+            median = _median_without(ordered, bisect.bisect_left(ordered, w))
+            scores[key] = w / median if median > 0 else (1.0 if w == 0 else float("inf"))
         return scores
+
+
+def _median_without(ordered: list[float], i: int) -> float:
+    """The median of ordered[:i] + ordered[i+1:], in O(1): scoring 2,240 ranks stays cheap."""
+
+    def at(j: int) -> float:  # the j-th element once index i is removed
+        return ordered[j] if j < i else ordered[j + 1]
+
+    n = len(ordered) - 1
+    return at(n // 2) if n % 2 else (at(n // 2 - 1) + at(n // 2)) / 2
 
 
 def _status(track: Track, beat_age: float, since: float, score: float | None,
