@@ -304,7 +304,7 @@ def test_no_straggler_when_ranks_work_alike():
             r.progress(t, step=int(t) * 3, phase="train")
 
     assert straggler_events(job, advance) == []
-    scores = job.collector.straggler_scores(8)
+    scores = {s.key: s.straggler_score for s in job.detector.statuses(8)}
     assert scores == pytest.approx({f"rank {r}": 1.0 for r in range(4)}), scores
 
 

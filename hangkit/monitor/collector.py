@@ -31,13 +31,12 @@ class Track:
     def rank(self) -> int | None:
         return self.beat.rank
 
-    def rate_and_work(self, now: float) -> tuple[float | None, float | None]:
+    def rate_and_work(self) -> tuple[float | None, float | None]:
         """Steps per second, and seconds of work (time outside collectives) per step, over the
         window; None without two beats that differ in step."""
-        recent = [h for h in self.history if now - h[0] <= WINDOW]
-        if len(recent) < 2:
+        if len(self.history) < 2:
             return None, None
-        (t0, s0, c0), (t1, s1, c1) = recent[0], recent[-1]
+        (t0, s0, c0), (t1, s1, c1) = self.history[0], self.history[-1]
         if not isinstance(s0, int | float) or not isinstance(s1, int | float) or s1 <= s0:
             return (0.0, None) if t1 > t0 and s1 == s0 else (None, None)
         steps = s1 - s0
@@ -74,6 +73,8 @@ class Collector:
             track.beat, track.identity, track.last_beat = beat, identity, now
             track.gone = False
         track.history.append((now, beat.step, beat.collective_seconds))
+        while now - track.history[0][0] > WINDOW:
+            track.history.popleft()
         if message.get("type") == "bye":
             track.finished = True
         if beat.world_size:
@@ -87,7 +88,8 @@ class Collector:
 
     def statuses(self, now: float, *, stall_after: float, dead_after: float,
                  slow_score: float) -> list[RankStatus]:
-        scores = self.straggler_scores(now)
+        measured = {k: t.rate_and_work() for k, t in self.tracks.items()}
+        scores = self.straggler_scores(measured)
         out = []
         for track in sorted(self.tracks.values(), key=_order):
             beat = track.beat
@@ -104,19 +106,20 @@ class Collector:
                 step=beat.step, phase=beat.phase,
                 phase_seconds=round(beat.phase_seconds + beat_age, 3),
                 since_progress=round(since, 3), beat_age=round(beat_age, 3),
-                step_rate=_round(track.rate_and_work(now)[0]), collective=collective,
+                step_rate=_round(measured[track.key][0]), collective=collective,
                 straggler_score=_round(scores.get(track.key)), fields=dict(beat.fields),
                 error=beat.error))
         return out
 
-    def straggler_scores(self, now: float) -> dict[str, float]:
+    def straggler_scores(self, measured: dict[str, tuple]) -> dict[str, float]:
         """Each live rank's work per step against the median of the others'. Work is time
         outside collectives, so in synchronous training, where every rank takes the same
-        steps per second, the rank the others wait for still stands out (with instrument())."""
+        steps per second, the rank the others wait for still stands out (with instrument()).
+        `measured` is each track's rate_and_work()."""
         work = {}
         for track in self.tracks.values():
             if not (track.finished or track.gone):
-                w = track.rate_and_work(now)[1]
+                w = measured[track.key][1]
                 if w is None:
                     return {}  # compare only when every live rank has been measured
                 work[track.key] = w

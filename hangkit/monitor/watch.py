@@ -181,7 +181,7 @@ class _Watcher:
     def _check_progress(self) -> _Stalled | None:
         """Runs stall detection; says each new finding; returns a stall that counts as a hang."""
         hang = None
-        for event in self.monitor.step():
+        for event in self.monitor.detect():
             say(f"[{event.kind}] {event.summary}")
             if self.opts.progress_timeout is not None and event.kind in HANG_KINDS:
                 since = min((r.since_progress for r in self.monitor.statuses()
