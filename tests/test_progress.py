@@ -186,3 +186,12 @@ def test_bad_progress_timeout_is_one_line(value, capsys):
     assert main(["watch", "--progress-timeout", value, "--", "true"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("hangkit: error:") and "\n" not in err and "progress-timeout" in err
+
+
+def test_importing_hangkit_loads_nothing_heavy():
+    """A training script pays only for the stdlib when it imports hangkit for progress()."""
+    code = ("import sys, hangkit\n"
+            "print(sorted(m for m in ('zmq', 'psutil', 'torch', 'mpi4py') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
