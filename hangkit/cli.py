@@ -1,5 +1,5 @@
-"""The `hangkit` command. Exit codes: 0 ok, 1 failure, 2 bad usage, 124 a hang was caught
-(watch), otherwise the watched command's own exit code."""
+"""The `hangkit` command. Exit codes: 0 ok, 1 failure (doctor: a probe failed or timed out),
+2 bad usage, 124 a hang was caught (watch), otherwise the watched command's own exit code."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hangkit import __version__
 from hangkit.errors import HangkitError, UsageError
+from hangkit.probes import PROBE_NAMES
 
 DEFAULT_TIMEOUT = 600.0
 
@@ -62,6 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "for the command (default: on)")
     w.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
 
+    doc = sub.add_parser("doctor", help="run every hang probe, each in a child with a deadline",
+                         description="Run the hang probes (each in its own process with a "
+                         "deadline, independent ones at once), on this process's environment "
+                         "or on N MPI ranks. Prints a table of probes by ranks and each "
+                         "problem's advice. Exit 0: nothing failed or timed out; 1: something "
+                         "did; 2: bad usage.")
+    doc.add_argument("--ranks", type=int, default=None, metavar="N",
+                     help="run the probes on N MPI ranks (local mpiexec; inside a PBS job, "
+                     "across its nodes)")
+    doc.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
+                     help="deadline per probe (default: 30)")
+    doc.add_argument("--only", default=None, metavar="NAME,...",
+                     help="run only these probes: " + ", ".join(PROBE_NAMES))
+    doc.add_argument("--path", type=Path, default=Path("."), metavar="DIR",
+                     help="directory the filesystem probe tests (default: the current one)")
+    doc.add_argument("--json", type=Path, default=None, metavar="FILE",
+                     help="also write the results as JSON")
+
     d = sub.add_parser("demo", help="the main job: a 4-rank training run where rank 2 wanders "
                        "off, caught by hangkit watch")
     d.add_argument("--ranks", type=int, default=4, help="MPI ranks to start (default: 4)")
@@ -86,6 +105,24 @@ def _watch(args) -> int:
                               progress_timeout=args.progress_timeout, bind=args.bind))
 
 
+def _doctor(args) -> int:
+    import time
+
+    from hangkit.probes.report import exit_code, render, write_json
+    from hangkit.probes.runner import run_doctor
+
+    if args.json is not None and not args.json.parent.is_dir():
+        raise UsageError(f"--json: no such directory: {args.json.parent}")
+    started = time.monotonic()
+    results = run_doctor(args.only, ranks=args.ranks, timeout=args.timeout, path=args.path)
+    for line in render(results):
+        print(line)
+    if args.json is not None:
+        write_json(results, args.json, ranks=args.ranks, timeout=args.timeout,
+                   seconds=time.monotonic() - started)
+    return exit_code(results)
+
+
 def _demo(args) -> int:
     from hangkit.demo import run_demo
 
@@ -97,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command_name == "watch":
             return _watch(args)
+        if args.command_name == "doctor":
+            return _doctor(args)
         if args.command_name == "demo":
             return _demo(args)
         build_parser().print_help(sys.stderr)

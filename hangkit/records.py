@@ -274,6 +274,27 @@ class StallEvent(_Record):
         return cls(**d)
 
 
+PROBE_STATUSES = ("ok", "warn", "fail", "timeout", "skipped")
+
+
+@dataclass
+class ProbeResult(_Record):
+    """One doctor probe's finding on one rank (rank None: this process's environment)."""
+
+    name: str
+    rank: int | None
+    status: str  # one of PROBE_STATUSES
+    seconds: float
+    detail: str
+    advice: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)  # figures behind the detail
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ProbeResult:
+        return cls(d["name"], d.get("rank"), d["status"], d.get("seconds", 0.0),
+                   d.get("detail", ""), d.get("advice"), dict(d.get("data") or {}))
+
+
 @dataclass
 class HangReport(_Record):
     hang: bool

@@ -17,7 +17,7 @@ import pytest
 from conftest import mpiexec, program
 from test_watch_hangs import HANG, assert_all_gone, kinds
 
-from hangkit.demo import free_port
+from hangkit.launcher import free_port
 from hangkit.monitor.agentstacks import gather
 from hangkit.monitor.server import Monitor
 from hangkit.monitor.stall import StallConfig

@@ -10,7 +10,7 @@ import psutil
 import pytest
 from conftest import mpiexec, program
 
-from hangkit.demo import free_port
+from hangkit.launcher import free_port
 
 HANG = 124
 

@@ -10,30 +10,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 from pathlib import Path
 
 from hangkit.errors import HangkitError
+from hangkit.launcher import find_mpiexec, free_port
 from hangkit.monitor.watch import HANG_EXIT, WatchOptions, say, watch
 
 WANDERING_RANK = 2
-
-
-def find_mpiexec() -> str:
-    beside = Path(sys.executable).with_name("mpiexec")
-    found = str(beside) if beside.exists() else shutil.which("mpiexec")
-    if not found:
-        raise HangkitError("mpiexec not found",
-                           hint="install the local-mpi extra: pip install 'hangkit[local-mpi]'")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_demo(*, ranks: int = 4, timeout: float = 6.0) -> int:

@@ -1,0 +1,169 @@
+"""Running probes: each in a child process (an mpiexec job of N ranks with --ranks), all at
+once up to a limit, each killed at its own deadline. The doctor's wall time is bounded by its
+slowest probe, not by the sum, and a hanging probe costs no more than its own timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hangkit.errors import UsageError
+from hangkit.probes import select
+from hangkit.probes.api import kill_session
+from hangkit.probes.child import RESULT_MARKER
+from hangkit.records import ProbeResult
+
+DEFAULT_TIMEOUT = 30.0
+# Processes the doctor runs at once: each may import torch (~300 MB); a probe waiting for a
+# slot has not started its deadline yet.
+MAX_PROCESSES = 16
+POLL_SECONDS = 0.05  # how often running probes are checked; their deadlines bound the wait
+# After the deadline's SIGKILL, how long the doctor waits for a probe's results to be written.
+REAP_SECONDS = 5.0
+
+
+@dataclass
+class _Run:
+    name: str
+    proc: subprocess.Popen | None = None
+    out_dir: Path | None = None
+    stdout: Path | None = None
+    stderr: Path | None = None
+    started: float = 0.0
+    killed: bool = False
+
+
+def run_doctor(only: str | list[str] | None = None, *, ranks: int | None = None,
+               timeout: float = DEFAULT_TIMEOUT, path: str | os.PathLike = ".",
+               launcher: list[str] | None = None) -> list[ProbeResult]:
+    """Runs the probes and returns one result per probe (per rank with `ranks`)."""
+    names = select(only)
+    if not timeout > 0 or math.isinf(timeout):
+        raise UsageError(f"--timeout must be a positive number of seconds, got {timeout:g}")
+    if ranks is not None and ranks < 1:
+        raise UsageError(f"--ranks must be at least 1, got {ranks}")
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"--path is not a directory: {path}")
+    if ranks is not None and launcher is None:
+        from hangkit.launcher import mpiexec_command
+
+        launcher = mpiexec_command(ranks)
+    workdir = Path(tempfile.mkdtemp(prefix="hangkit-doctor-"))
+    try:
+        runs = [_Run(n) for n in names]
+        _run_all(runs, ranks=ranks, timeout=timeout, path=str(path.resolve()),
+                 launcher=launcher, workdir=workdir)
+        results = []
+        for run in runs:
+            results += _results(run, ranks, timeout)
+        return results
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_all(runs: list[_Run], *, ranks, timeout, path, launcher, workdir) -> None:
+    per_run = ranks or 1
+    slots = max(1, MAX_PROCESSES // per_run)
+    waiting, running = list(runs), []
+    try:
+        while waiting or running:
+            while waiting and len(running) < slots:
+                run = waiting.pop(0)
+                _start(run, ranks=ranks, timeout=timeout, path=path, launcher=launcher,
+                       workdir=workdir)
+                running.append(run)
+            now = time.monotonic()
+            for run in list(running):
+                if run.proc.poll() is not None:
+                    running.remove(run)
+                elif now - run.started >= timeout:
+                    run.killed = True
+                    kill_session(run.proc)
+                    _reap(run.proc)
+                    running.remove(run)
+            if running:
+                time.sleep(POLL_SECONDS)
+    finally:
+        for run in running:  # interrupted: leave nothing behind
+            kill_session(run.proc)
+            _reap(run.proc)
+
+
+def _start(run: _Run, *, ranks, timeout, path, launcher, workdir) -> None:
+    run.stdout, run.stderr = workdir / f"{run.name}.out", workdir / f"{run.name}.err"
+    config = {"timeout": timeout, "path": path, "started_at": time.time(), "out": None}
+    if ranks is not None:
+        run.out_dir = workdir / run.name
+        run.out_dir.mkdir()
+        config["out"] = str(run.out_dir)
+    argv = [sys.executable, "-m", "hangkit.probes.child", run.name, json.dumps(config)]
+    if ranks is not None:
+        argv = [*launcher, *argv]
+    with open(run.stdout, "wb") as out, open(run.stderr, "wb") as err:
+        run.proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+    run.started = time.monotonic()
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=REAP_SECONDS)
+    except subprocess.TimeoutExpired:
+        pass  # unkillable (D state); its session was sent SIGKILL and will go when it can
+
+
+def _results(run: _Run, ranks: int | None, timeout: float) -> list[ProbeResult]:
+    err_tail = _last_line(run.stderr)
+    if ranks is None:
+        for line in _read(run.stdout).splitlines():
+            if line.startswith(RESULT_MARKER):
+                return [ProbeResult.from_json(json.loads(line[len(RESULT_MARKER):]))]
+        return [_missing(run, None, timeout, err_tail)]
+    found = {}
+    for file in run.out_dir.glob("rank-*.json"):
+        result = ProbeResult.from_json(json.loads(file.read_text()))
+        found[result.rank] = result
+    return [found.get(r) or _missing(run, r, timeout, err_tail) for r in range(ranks)]
+
+
+def _missing(run: _Run, rank: int | None, timeout: float, err_tail: str) -> ProbeResult:
+    seconds = round(time.monotonic() - run.started, 3) if run.killed else 0.0
+    if run.killed:
+        return ProbeResult(run.name, rank, "timeout", round(min(seconds, timeout), 3),
+                           f"did not finish within {timeout:g} s"
+                           + (f"; last words: {err_tail}" if err_tail else ""),
+                           _TIMEOUT_ADVICE)
+    code = run.proc.returncode
+    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    return ProbeResult(run.name, rank, "fail", 0.0,
+                       f"the probe's process ended without a result ({how})"
+                       + (f": {err_tail}" if err_tail else ""), _CRASH_ADVICE)
+
+
+_TIMEOUT_ADVICE = ("Something this probe does never returned. Run it alone with a longer "
+                   "--timeout (hangkit doctor --only NAME --timeout 120) and, if it still "
+                   "hangs, under `hangkit watch` to see where.")
+_CRASH_ADVICE = ("The probe's process crashed or was killed (out of memory?). Its last "
+                 "words are above; run it alone to see all of its output.")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _last_line(path: Path) -> str:
+    lines = [x.strip() for x in _read(path).splitlines() if x.strip()]
+    return lines[-1][:300] if lines else ""
