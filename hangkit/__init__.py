@@ -8,6 +8,7 @@ from hangkit.records import (
     Diagnosis,
     Frame,
     HangReport,
+    ProbeResult,
     ProcessSnapshot,
     RankStatus,
     StackGroup,
@@ -27,6 +28,7 @@ __all__ = [
     "HangReport",
     "HangkitError",
     "Monitor",
+    "ProbeResult",
     "ProcessSnapshot",
     "RankStatus",
     "StackGroup",
@@ -35,6 +37,7 @@ __all__ = [
     "TreeNode",
     "UsageError",
     "__version__",
+    "doctor",
     "instrument",
     "progress",
     "start_agent",
@@ -48,4 +51,8 @@ def __getattr__(name: str):
         from hangkit.monitor.server import Monitor
 
         return Monitor
+    if name == "doctor":  # the doctor's probes as records, for notebooks and scripts
+        from hangkit.probes.runner import run_doctor
+
+        return run_doctor
     raise AttributeError(f"module 'hangkit' has no attribute {name!r}")

@@ -48,9 +48,9 @@ def td01_ranks():
 def test_public_api_is_pinned():
     assert sorted(hangkit.__all__) == sorted([
         "Beat", "CaptureError", "CollectiveState", "Diagnosis", "Frame", "HangReport",
-        "HangkitError", "Monitor", "ProcessSnapshot", "RankStatus", "StackGroup", "StallEvent",
-        "ThreadStack", "TreeNode", "UsageError", "__version__", "instrument", "progress",
-        "start_agent", "stop_agent"])
+        "HangkitError", "Monitor", "ProbeResult", "ProcessSnapshot", "RankStatus",
+        "StackGroup", "StallEvent", "ThreadStack", "TreeNode", "UsageError", "__version__",
+        "doctor", "instrument", "progress", "start_agent", "stop_agent"])
     assert all(getattr(hangkit, name) is not None for name in hangkit.__all__)
     assert issubclass(hangkit.UsageError, ValueError)
 

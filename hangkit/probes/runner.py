@@ -5,6 +5,7 @@ slowest probe, not by the sum, and a hanging probe costs no more than its own ti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -116,10 +117,9 @@ def _start(run: _Run, *, ranks, timeout, path, launcher, workdir) -> None:
 
 
 def _reap(proc: subprocess.Popen) -> None:
-    try:
+    # Unkillable (D state): its session was sent SIGKILL and goes when it can.
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=REAP_SECONDS)
-    except subprocess.TimeoutExpired:
-        pass  # unkillable (D state); its session was sent SIGKILL and will go when it can
 
 
 def _results(run: _Run, ranks: int | None, timeout: float) -> list[ProbeResult]:

@@ -1,0 +1,97 @@
+"""filesystem: write, fsync, read, stat and listdir latency under --path, and a read of the
+first bytes of files already there (a dataset directory, typically).
+
+A stalled shared filesystem (Lustre, NFS) hangs whoever touches it: a DataLoader worker in
+open() (DL-01), a checkpoint write. Each operation runs in a thread with a deadline, so a
+stall is reported as the operation and file it stopped on. A FIFO among the files blocks on
+open just like a file on a hung filesystem, and is reported the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+import time
+
+from hangkit.probes.api import Outcome, ProbeContext, fail, ok, timed_out, warn
+
+# Above these (seconds) an operation is slow enough to stall training.
+SLOW = {"write": 1.0, "fsync": 2.0, "read": 1.0, "stat": 0.2, "listdir": 2.0, "open": 1.0}
+SAMPLE_FILES = 16  # existing files whose first bytes are read
+ADVICE = ("I/O under this path is slow or stalled. Stage data to node-local storage "
+          "(/local/scratch, /dev/shm) before training, avoid many small files (pack them), and "
+          "pass DataLoader(timeout=...) so a stalled read raises instead of hanging (DL-01).")
+
+
+class _Stalled(Exception):
+    def __init__(self, what: str, seconds: float):
+        super().__init__(what)
+        self.what, self.seconds = what, seconds
+
+
+def run(ctx: ProbeContext) -> Outcome:
+    timings: dict[str, float] = {}
+
+    def timed(what: str, op, budget: float):
+        """Runs op in a daemon thread; a stalled op is left behind (the process exits)."""
+        print(f"filesystem: {what}", file=sys.stderr, flush=True)  # the doctor's last words
+        box: dict = {}
+
+        def target():
+            try:
+                box["value"] = op()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                box["error"] = e
+
+        started = time.monotonic()
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        thread.join(budget)
+        if thread.is_alive():
+            raise _Stalled(what, time.monotonic() - started)
+        timings[what.split(" ")[0]] = max(timings.get(what.split(" ")[0], 0.0),
+                                          time.monotonic() - started)
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def budget() -> float:
+        return max(ctx.remaining(1.0) / 2, 0.1)
+
+    try:
+        existing = timed(f"listdir {ctx.path}", lambda: os.listdir(ctx.path), budget())
+        fd, tmp = timed(f"create in {ctx.path}", lambda: tempfile.mkstemp(
+            prefix=".hangkit-doctor-", dir=ctx.path), budget())
+        try:
+            payload = os.urandom(1 << 20)
+            timed(f"write {tmp}", lambda: os.write(fd, payload), budget())
+            timed(f"fsync {tmp}", lambda: os.fsync(fd), budget())
+            timed(f"stat {tmp}", lambda: os.stat(tmp), budget())
+            timed(f"read {tmp}", lambda: _read(tmp, 1 << 20), budget())
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+        for name in sorted(existing)[:SAMPLE_FILES]:
+            path = os.path.join(ctx.path, name)
+            if os.path.isdir(path):
+                continue
+            timed(f"open {path}", lambda p=path: _read(p, 4096), budget())
+    except _Stalled as e:
+        return timed_out(f"{e.what} did not return within {e.seconds:.1f} s", ADVICE,
+                         stalled=e.what, **{k: round(v, 4) for k, v in timings.items()})
+    except OSError as e:
+        return fail(f"I/O error under {ctx.path}: {e}", "Check the path exists, is writable "
+                    "and has space; the filesystem probe writes a 1 MB file there.")
+    shown = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items())
+    slow = [k for k, v in timings.items() if v > SLOW.get(k, 1.0)]
+    data = {k: round(v, 4) for k, v in timings.items()}
+    if slow:
+        return warn(f"slow {', '.join(slow)} under {ctx.path}: {shown}", ADVICE, **data)
+    return ok(f"{ctx.path}: {shown}", **data)
+
+
+def _read(path: str, size: int) -> int:
+    with open(path, "rb") as f:
+        return len(f.read(size))
