@@ -23,6 +23,7 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(PY) benchmarks/bench_watch.py
 	$(PY) benchmarks/bench_agent.py
+	$(PY) benchmarks/bench_doctor.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -27,8 +27,8 @@ class DumpResult:
     unexplained: bool = False  # failed for no known reason: worth a try without --native
 
 
-def py_spy_command() -> list[str] | None:
-    override = os.environ.get(PY_SPY_ENV)
+def py_spy_command(environ=os.environ) -> list[str] | None:
+    override = environ.get(PY_SPY_ENV)
     if override:
         return override.split()
     beside_python = os.path.join(os.path.dirname(sys.executable), "py-spy")
@@ -58,6 +58,9 @@ def start_dump(pid: int, *, native: bool = True,
 
 def finish_dump(proc: subprocess.Popen | None, pid: int, *, timeout: float) -> DumpResult:
     if proc is None:
+        override = os.environ.get(PY_SPY_ENV)
+        if override:
+            return DumpResult([], error=f"py-spy not found at {PY_SPY_ENV}={override!r}")
         return DumpResult([], error=f"py-spy not found (install it, or set {PY_SPY_ENV})")
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -7,6 +7,7 @@ ctx.deadline with ctx.remaining() to say what it found so far rather than time o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -103,7 +104,18 @@ def run_python(code: str, *, timeout: float, env: dict[str, str] | None = None,
 
 
 def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL to proc's session and to all its descendants: sub-children that started
+    sessions of their own (run_python's, wandb's service) are not in proc's process group."""
+    import psutil  # here: probe modules import api, and the doctor's children should start fast
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         proc.kill()
+    for child in descendants:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
