@@ -99,3 +99,15 @@ def mpiexec() -> str:
     if not path.exists():
         pytest.skip("mpiexec not installed (the local-mpi extra)")
     return str(path)
+
+
+def limited_doctor(only: str, timeout: float, *options: str) -> list:
+    """The doctor under resource limits (ulimit -n, -v), the way a job script would set them:
+    tests/programs/probes/limited_doctor.py sets them, runs the doctor and prints JSON."""
+    from hangkit.records import ProbeResult
+
+    argv = [sys.executable, str(PROGRAMS / "probes" / "limited_doctor.py"), "--only", only,
+            "--timeout", str(timeout), *options]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [ProbeResult.from_json(d) for d in json.loads(done.stdout)]

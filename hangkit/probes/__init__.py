@@ -28,6 +28,23 @@ REGISTRY = {
 }
 PROBE_NAMES = tuple(REGISTRY)
 
+# Advice for a probe the doctor had to kill: kept here, not in the probe modules, so the
+# doctor's own process never imports them.
+TIMEOUT_ADVICE = {
+    "mpi": ("MPI did not complete on every rank: a rank that never calls MPI_Init (stuck "
+            "before it, or not an MPI program) keeps the others waiting, as does a rank that "
+            "skips a collective (MP-02). Check every rank's last words and the launcher's rank "
+            "count; started outside mpiexec, see MP-05."),
+    "torch_distributed": ("Rendezvous or a collective did not complete (TD-05): MASTER_ADDR "
+                          "must be the first host of PBS_NODEFILE, MASTER_PORT free, and "
+                          "WORLD_SIZE the number of ranks launched."),
+    "filesystem": ("I/O under --path stalled: the filesystem is hung or very slow (DL-01). "
+                   "Stage data to node-local storage and give DataLoader a timeout."),
+    "imports": ("An import never finished: a module on a stalled shared filesystem, or one "
+                "that initialises something at import (MPI, CUDA). Run it alone with "
+                "python -X importtime."),
+}
+
 
 def select(only: str | list[str] | None) -> list[str]:
     """The probes named by --only (comma-separated), in table order; all when None."""

@@ -15,8 +15,8 @@ from hangkit.envsetup import AF_UNIX_PATH_MAX
 from hangkit.probes.api import Outcome, ProbeContext, fail, ok, warn
 
 ADVICE = ("Point TMPDIR at a short directory before training starts (export TMPDIR=/tmp, or "
-          "`hangkit watch` does it for you), or use torch.multiprocessing's file_system "
-          "sharing strategy: torch.multiprocessing.set_sharing_strategy('file_system').")
+          "`hangkit watch` does it for you). The file_system sharing strategy does not help: "
+          "torch_shm_manager puts its socket under TMPDIR too (DL-06).")
 
 
 def run(ctx: ProbeContext) -> Outcome:

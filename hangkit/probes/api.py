@@ -8,11 +8,15 @@ ctx.deadline with ctx.remaining() to say what it found so far rather than time o
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +62,22 @@ class ProbeContext:
     world_size: int | None
     started: float = field(default_factory=time.monotonic)
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    name: str = "probe"
+    out: str | None = None  # under --ranks, where this rank's result (and last words) go
+
+    def say(self, step: str) -> None:
+        """What the probe is about to wait for. If the doctor has to kill the probe, the last
+        of these is reported as its last words (per rank under --ranks)."""
+        who = "no launcher" if self.rank is None else f"rank {self.rank}/{self.world_size}"
+        line = f"{self.name}: {who}: {step}"
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        if self.out is not None and self.rank is not None:
+            path = os.path.join(self.out, f"rank-{self.rank}.last")
+            with contextlib.suppress(OSError):
+                with open(path + ".tmp", "w") as f:
+                    f.write(line)
+                os.replace(path + ".tmp", path)
 
     @property
     def deadline(self) -> float:
@@ -66,6 +86,9 @@ class ProbeContext:
     def remaining(self, margin: float = 0.5) -> float:
         """Seconds left before the doctor kills this probe, less a margin to report in."""
         return max(self.deadline - time.monotonic() - margin, 0.0)
+
+
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception)|Bus error)\b.*")
 
 
 @dataclass
@@ -83,29 +106,71 @@ class ChildResult:
         lines = [x for x in getattr(self, stream).splitlines() if x.strip()]
         return lines[-1].strip() if lines else ""
 
+    def report(self, marker: str) -> dict | None:
+        """The JSON the child printed after `marker` (its last such line), even if the child
+        was killed after printing it."""
+        for line in reversed(self.stdout.splitlines()):
+            if line.startswith(marker):
+                try:
+                    return json.loads(line[len(marker):])
+                except ValueError:
+                    return None
+        return None
+
+    def error_lines(self) -> list[str]:
+        """Lines of stderr that name an error ("OSError: AF_UNIX path too long", "Bus error")."""
+        return [x.strip()[:200] for x in self.stderr.splitlines() if _ERROR_LINE.match(x)]
+
+    def ended_how(self) -> str:
+        if self.returncode is None:
+            return "killed at its deadline"
+        if self.returncode < 0:
+            return f"killed by signal {-self.returncode}"
+        return f"exit code {self.returncode}"
+
+    def tried(self, marker: str, budget: float) -> dict:
+        """One try of something that may hang, as a dict: the child's own report (with "ok"),
+        or why there is none; "cause" is the first error line of its stderr, if it says more."""
+        errors = self.error_lines()
+        cause = errors[0] if errors else None
+        found = self.report(marker)
+        if found is not None:
+            found["cause"] = None if found.get("ok") or cause == found.get("error") else cause
+            return found
+        if self.timed_out:
+            return {"ok": False, "hung": True, "seconds": round(self.seconds, 3),
+                    "cause": cause, "error": f"did not finish within {budget:.1f} s"}
+        return {"ok": False, "seconds": round(self.seconds, 3), "cause": cause,
+                "error": f"ended without a result ({self.ended_how()})"
+                + ("" if cause else f": {self.last_line() or 'no output'}")}
+
 
 def run_python(code: str, *, timeout: float, env: dict[str, str] | None = None,
-               args: list[str] = ()) -> ChildResult:
-    """Runs `python -c code` in a session of its own; at the deadline the whole session is
-    killed (a hanging import, its threads and any processes it started), never waited on."""
+               args: Sequence[str] = ()) -> ChildResult:
+    """Runs `python -c code` in a session of its own and waits at most `timeout`. Then the
+    whole session is killed, whether the child hung or exited: a hanging import, its threads,
+    and anything it left behind (DataLoader workers, torch_shm_manager) go with it. Output goes
+    through files, so a leftover holding a pipe cannot delay the result."""
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=max(timeout, 0.01))
-        return ChildResult(proc.returncode, out, err, time.monotonic() - started)
-    except subprocess.TimeoutExpired:
-        kill_session(proc)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         try:
-            out, err = proc.communicate(timeout=5)
-        except subprocess.TimeoutExpired:  # a grandchild that left the session holds the pipes
-            out, err = "", ""
-        return ChildResult(None, out, err, time.monotonic() - started)
+            code_ = proc.wait(timeout=max(timeout, 0.01))
+        except subprocess.TimeoutExpired:
+            code_ = None
+        seconds = time.monotonic() - started
+        kill_session(proc)
+        out.seek(0)
+        err.seek(0)
+        return ChildResult(code_, out.read().decode(errors="replace"),
+                           err.read().decode(errors="replace"), seconds)
 
 
-def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL to proc's session and to all its descendants: sub-children that started
-    sessions of their own (run_python's, wandb's service) are not in proc's process group."""
+def kill_session(proc: subprocess.Popen, *, reap: float = 5.0) -> None:
+    """SIGKILL to proc's session and to all its descendants, then waits up to `reap` seconds
+    for them to be gone. Descendants may have sessions of their own (run_python's children,
+    wandb's service, hydra's proxy and the MPI ranks under it) that killpg would miss."""
     import psutil  # here: probe modules import api, and the doctor's children should start fast
 
     try:
@@ -119,3 +184,6 @@ def kill_session(proc: subprocess.Popen) -> None:
     for child in descendants:
         with contextlib.suppress(psutil.Error):
             child.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=reap)  # unkillable (D state) is left to the kernel
+    psutil.wait_procs(descendants, timeout=reap)

@@ -36,7 +36,8 @@ def run_probe(name: str, ctx: ProbeContext) -> ProbeResult:
 def main(argv: list[str]) -> int:
     name, config = argv[0], json.loads(argv[1])
     ranked = config.get("out") is not None
-    ctx = ProbeContext(timeout=config["timeout"], path=config["path"],
+    ctx = ProbeContext(timeout=config["timeout"], path=config["path"], name=name,
+                       out=config.get("out"),
                        rank=rank_from_environ(os.environ) if ranked else None,
                        world_size=world_size_from_environ(os.environ) if ranked else None,
                        # The deadline counts from when the doctor started this process.

@@ -56,11 +56,12 @@ def _problems(results: list[ProbeResult]) -> list[str]:
     """Each distinct problem once, with the ranks that have it."""
     grouped: dict[tuple, list[ProbeResult]] = {}
     for r in results:
-        if r.status in PROBLEMS:
+        # A skipped probe with advice (mpi4py missing) is worth showing; others are noise.
+        if r.status in PROBLEMS or (r.status == "skipped" and r.advice):
             grouped.setdefault((r.name, r.status, r.detail, r.advice), []).append(r)
     lines = []
     for (name, status, detail, advice), rs in sorted(
-            grouped.items(), key=lambda kv: PROBLEMS.index(kv[0][1])):
+            grouped.items(), key=lambda kv: (PROBLEMS + ("skipped",)).index(kv[0][1])):
         ranks = [r.rank for r in rs if r.rank is not None]
         where = f" (rank{'s' if len(ranks) > 1 else ''} {format_ranks(ranks)})" if ranks else ""
         lines.append(f"  [{CELL[status]}] {name}{where}: {detail}")

@@ -5,7 +5,6 @@ slowest probe, not by the sum, and a hanging probe costs no more than its own ti
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hangkit.errors import UsageError
-from hangkit.probes import select
+from hangkit.probes import TIMEOUT_ADVICE, select
 from hangkit.probes.api import kill_session
 from hangkit.probes.child import RESULT_MARKER
 from hangkit.records import ProbeResult
@@ -28,7 +27,7 @@ DEFAULT_TIMEOUT = 30.0
 # slot has not started its deadline yet.
 MAX_PROCESSES = 16
 POLL_SECONDS = 0.05  # how often running probes are checked; their deadlines bound the wait
-# After the deadline's SIGKILL, how long the doctor waits for a probe's results to be written.
+# After the deadline's SIGKILL, how long the doctor waits for a probe's processes to be gone.
 REAP_SECONDS = 5.0
 
 
@@ -89,15 +88,13 @@ def _run_all(runs: list[_Run], *, ranks, timeout, path, launcher, workdir) -> No
                     running.remove(run)
                 elif now - run.started >= timeout:
                     run.killed = True
-                    kill_session(run.proc)
-                    _reap(run.proc)
+                    kill_session(run.proc, reap=REAP_SECONDS)
                     running.remove(run)
             if running:
                 time.sleep(POLL_SECONDS)
     finally:
         for run in running:  # interrupted: leave nothing behind
-            kill_session(run.proc)
-            _reap(run.proc)
+            kill_session(run.proc, reap=REAP_SECONDS)
 
 
 def _start(run: _Run, *, ranks, timeout, path, launcher, workdir) -> None:
@@ -116,12 +113,6 @@ def _start(run: _Run, *, ranks, timeout, path, launcher, workdir) -> None:
     run.started = time.monotonic()
 
 
-def _reap(proc: subprocess.Popen) -> None:
-    # Unkillable (D state): its session was sent SIGKILL and goes when it can.
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=REAP_SECONDS)
-
-
 def _results(run: _Run, ranks: int | None, timeout: float) -> list[ProbeResult]:
     err_tail = _last_line(run.stderr)
     if ranks is None:
@@ -133,7 +124,8 @@ def _results(run: _Run, ranks: int | None, timeout: float) -> list[ProbeResult]:
     for file in run.out_dir.glob("rank-*.json"):
         result = ProbeResult.from_json(json.loads(file.read_text()))
         found[result.rank] = result
-    return [found.get(r) or _missing(run, r, timeout, err_tail) for r in range(ranks)]
+    return [found.get(r) or _missing(run, r, timeout, _read(run.out_dir / f"rank-{r}.last")
+                                     or err_tail) for r in range(ranks)]
 
 
 def _missing(run: _Run, rank: int | None, timeout: float, err_tail: str) -> ProbeResult:
@@ -142,7 +134,7 @@ def _missing(run: _Run, rank: int | None, timeout: float, err_tail: str) -> Prob
         return ProbeResult(run.name, rank, "timeout", round(min(seconds, timeout), 3),
                            f"did not finish within {timeout:g} s"
                            + (f"; last words: {err_tail}" if err_tail else ""),
-                           _TIMEOUT_ADVICE)
+                           TIMEOUT_ADVICE.get(run.name, _TIMEOUT_ADVICE))
     code = run.proc.returncode
     how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
     return ProbeResult(run.name, rank, "fail", 0.0,
