@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,6 +153,7 @@ def run_python(code: str, *, timeout: float, env: dict[str, str] | None = None,
     and anything it left behind (DataLoader workers, torch_shm_manager) go with it. Output goes
     through files, so a leftover holding a pipe cannot delay the result."""
     started = time.monotonic()
+    env, marker = marked_environment(env)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err,
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
@@ -160,23 +162,45 @@ def run_python(code: str, *, timeout: float, env: dict[str, str] | None = None,
         except subprocess.TimeoutExpired:
             code_ = None
         seconds = time.monotonic() - started
-        kill_session(proc)
+        kill_session(proc, marker=marker)
         out.seek(0)
         err.seek(0)
         return ChildResult(code_, out.read().decode(errors="replace"),
                            err.read().decode(errors="replace"), seconds)
 
 
-def kill_session(proc: subprocess.Popen, *, reap: float = 5.0) -> None:
-    """SIGKILL to proc's session and to all its descendants, then waits up to `reap` seconds
-    for them to be gone. Descendants may have sessions of their own (run_python's children,
-    wandb's service, hydra's proxy and the MPI ranks under it) that killpg would miss."""
+MARKER_VARIABLE = "HANGKIT_PROBE_ID"
+
+
+def marked_environment(env: dict[str, str] | None) -> tuple[dict[str, str], str]:
+    """env plus a marker every process started from it inherits, even one that daemonizes
+    (torch_shm_manager does): kill_session finds them all by it."""
+    marker = uuid.uuid4().hex
+    return {**(os.environ if env is None else env), MARKER_VARIABLE: marker}, marker
+
+
+def kill_session(proc: subprocess.Popen, *, marker: str | None = None,
+                 reap: float = 5.0) -> None:
+    """SIGKILL to proc, its session, its descendants and every process carrying `marker`,
+    then waits up to `reap` seconds for them to be gone. Killing the session alone would miss
+    descendants in sessions of their own (run_python's children, wandb's service, hydra's
+    proxy and the MPI ranks under it) and daemons (torch_shm_manager)."""
     import psutil  # here: probe modules import api, and the doctor's children should start fast
+
+    from hangkit.monitor.procfs import read_environ
 
     try:
         descendants = psutil.Process(proc.pid).children(recursive=True)
     except psutil.Error:
         descendants = []
+    known = {p.pid for p in descendants} | {proc.pid, os.getpid()}
+    for p in psutil.process_iter():
+        if p.pid in known:
+            continue
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getpgid(p.pid) == proc.pid or (
+                    marker and (read_environ(p.pid) or {}).get(MARKER_VARIABLE) == marker):
+                descendants.append(p)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -184,6 +208,20 @@ def kill_session(proc: subprocess.Popen, *, reap: float = 5.0) -> None:
     for child in descendants:
         with contextlib.suppress(psutil.Error):
             child.kill()
+    deadline = time.monotonic() + reap
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=reap)  # unkillable (D state) is left to the kernel
-    psutil.wait_procs(descendants, timeout=reap)
+    # Not our children: they are gone once they are zombies, whoever reaps them.
+    while descendants and time.monotonic() < deadline:
+        descendants = [p for p in descendants if not _gone(p)]
+        if descendants:
+            time.sleep(0.01)
+
+
+def _gone(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True

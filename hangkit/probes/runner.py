@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hangkit.errors import UsageError
 from hangkit.probes import TIMEOUT_ADVICE, select
-from hangkit.probes.api import kill_session
+from hangkit.probes.api import kill_session, marked_environment
 from hangkit.probes.child import RESULT_MARKER
 from hangkit.records import ProbeResult
 
@@ -40,6 +40,7 @@ class _Run:
     stderr: Path | None = None
     started: float = 0.0
     killed: bool = False
+    marker: str | None = None  # inherited by every process of the probe
 
 
 def run_doctor(only: str | list[str] | None = None, *, ranks: int | None = None,
@@ -85,16 +86,17 @@ def _run_all(runs: list[_Run], *, ranks, timeout, path, launcher, workdir) -> No
             now = time.monotonic()
             for run in list(running):
                 if run.proc.poll() is not None:
+                    kill_session(run.proc, marker=run.marker, reap=REAP_SECONDS)  # leftovers
                     running.remove(run)
                 elif now - run.started >= timeout:
                     run.killed = True
-                    kill_session(run.proc, reap=REAP_SECONDS)
+                    kill_session(run.proc, marker=run.marker, reap=REAP_SECONDS)
                     running.remove(run)
             if running:
                 time.sleep(POLL_SECONDS)
     finally:
         for run in running:  # interrupted: leave nothing behind
-            kill_session(run.proc, reap=REAP_SECONDS)
+            kill_session(run.proc, marker=run.marker, reap=REAP_SECONDS)
 
 
 def _start(run: _Run, *, ranks, timeout, path, launcher, workdir) -> None:
@@ -107,9 +109,10 @@ def _start(run: _Run, *, ranks, timeout, path, launcher, workdir) -> None:
     argv = [sys.executable, "-m", "hangkit.probes.child", run.name, json.dumps(config)]
     if ranks is not None:
         argv = [*launcher, *argv]
+    env, run.marker = marked_environment(None)
     with open(run.stdout, "wb") as out, open(run.stderr, "wb") as err:
         run.proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    env=env, start_new_session=True)
     run.started = time.monotonic()
 
 
