@@ -111,3 +111,26 @@ def limited_doctor(only: str, timeout: float, *options: str) -> list:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
     assert done.returncode == 0, done.stderr[-2000:]
     return [ProbeResult.from_json(d) for d in json.loads(done.stdout)]
+
+
+def doctor_where_missing(probe: str, package: str, tmp_path: Path) -> dict:
+    """Runs one probe under an interpreter where `package` is really not installed: the one
+    this virtualenv was made from, given hangkit (the source tree) and its dependency psutil,
+    and none of the venv's other packages. Returns the probe's result as JSON."""
+    base = getattr(sys, "_base_executable", None)
+    if sys.prefix == sys.base_prefix or not base:
+        pytest.skip(f"not in a virtualenv: no interpreter without {package} at hand")
+    deps = tmp_path / "deps"
+    deps.mkdir()
+    (deps / "psutil").symlink_to(Path(psutil.__file__).parent)
+    root = Path(__file__).parent.parent
+    done = subprocess.run(
+        [base, str(PROGRAMS / "probes_misc" / "doctor_json.py"), probe, package],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{deps}"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    if out["found"][package]:
+        pytest.skip(f"{base} has {package} too")
+    (result,) = out["results"]
+    return result

@@ -7,7 +7,6 @@ under (even 0 workers fail); and the pure summary for outcomes a machine here ca
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 from conftest import limited_doctor
@@ -15,8 +14,6 @@ from conftest import limited_doctor
 from hangkit.probes.dataloader import summarise
 from hangkit.probes.runner import run_doctor
 from hangkit.records import ProbeResult
-
-HELPERS = Path(__file__).parent / "programs" / "probes"
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                                  reason="needs torch")

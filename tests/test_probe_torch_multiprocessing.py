@@ -6,7 +6,6 @@ sockets (DL-06); and the pure summary for the combinations a machine here cannot
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 from conftest import limited_doctor
@@ -14,7 +13,6 @@ from conftest import limited_doctor
 from hangkit.probes.runner import run_doctor
 from hangkit.probes.torch_multiprocessing import summarise
 
-HELPERS = Path(__file__).parent / "programs" / "probes"
 COMBINATIONS = {"fork+file_descriptor", "fork+file_system", "spawn+file_descriptor",
                 "spawn+file_system"}
 

@@ -3,19 +3,15 @@ and whether bars would be drawn on every rank. Needs tqdm (the dev extra)."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import doctor_where_missing
 
 from hangkit.probes.runner import run_doctor
 from hangkit.rankenv import RANK_VARIABLES, SIZE_VARIABLES
-
-HELPER = Path(__file__).parent / "programs" / "probes_misc" / "doctor_json.py"
-ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture
@@ -32,19 +28,8 @@ def tqdm_result(**kwargs):
     return results[0] if len(results) == 1 else results
 
 
-def test_skipped_where_tqdm_is_not_installed():
-    # An honest interpreter without tqdm: the one this virtualenv was made from.
-    base = getattr(sys, "_base_executable", None)
-    if sys.prefix == sys.base_prefix or not base:
-        pytest.skip("not in a virtualenv: no interpreter without tqdm at hand")
-    done = subprocess.run([base, str(HELPER), "tqdm", "tqdm"], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if done.returncode != 0:
-        pytest.skip(f"hangkit does not run under {base}: {done.stderr.strip()[-300:]}")
-    out = json.loads(done.stdout)
-    if out["found"]["tqdm"]:
-        pytest.skip(f"{base} has tqdm too")
-    (result,) = out["results"]
+def test_skipped_where_tqdm_is_not_installed(tmp_path):
+    result = doctor_where_missing("tqdm", "tqdm", tmp_path)
     assert (result["status"], result["detail"]) == ("skipped", "tqdm is not installed"), result
 
 

@@ -10,14 +10,12 @@ import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
+from conftest import doctor_where_missing
 
 from hangkit.probes.runner import run_doctor
 
-HELPER = Path(__file__).parent / "programs" / "probes_misc" / "doctor_json.py"
-ROOT = Path(__file__).parent.parent
 FAKE_KEY = "hangkitfakekey0123456789abcdef0123456789ab"  # 42 characters, the format wandb takes
 WANDB_VARIABLES = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_CONFIG_DIR",
                    "WANDB_IDENTITY_TOKEN_FILE", "WANDB_HTTPS_PROXY", "WANDB_HTTP_PROXY",
@@ -53,20 +51,8 @@ def part(result, name: str) -> dict:
     return result.data["parts"][name]
 
 
-def test_skipped_where_wandb_is_not_installed():
-    # An honest interpreter without wandb: the one this virtualenv was made from, which has
-    # none of the venv's packages; hangkit comes from the source tree on PYTHONPATH.
-    base = getattr(sys, "_base_executable", None)
-    if sys.prefix == sys.base_prefix or not base:
-        pytest.skip("not in a virtualenv: no interpreter without wandb at hand")
-    done = subprocess.run([base, str(HELPER), "wandb", "wandb"], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if done.returncode != 0:
-        pytest.skip(f"hangkit does not run under {base}: {done.stderr.strip()[-300:]}")
-    out = json.loads(done.stdout)
-    if out["found"]["wandb"]:
-        pytest.skip(f"{base} has wandb too")
-    (result,) = out["results"]
+def test_skipped_where_wandb_is_not_installed(tmp_path):
+    result = doctor_where_missing("wandb", "wandb", tmp_path)
     assert (result["status"], result["detail"]) == ("skipped", "wandb is not installed"), result
 
 
