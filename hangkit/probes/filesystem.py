@@ -20,6 +20,7 @@ from hangkit.probes.api import Outcome, ProbeContext, fail, ok, timed_out, warn
 # Above these (seconds) an operation is slow enough to stall training.
 SLOW = {"write": 1.0, "fsync": 2.0, "read": 1.0, "stat": 0.2, "listdir": 2.0, "open": 1.0}
 SAMPLE_FILES = 16  # existing files whose first bytes are read
+TEMP_PREFIX = ".hangkit-doctor-"
 ADVICE = ("I/O under this path is slow or stalled. Stage data to node-local storage "
           "(/local/scratch, /dev/shm) before training, avoid many small files (pack them), and "
           "pass DataLoader(timeout=...) so a stalled read raises instead of hanging (DL-01).")
@@ -63,7 +64,7 @@ def run(ctx: ProbeContext) -> Outcome:
     try:
         existing = timed(f"listdir {ctx.path}", lambda: os.listdir(ctx.path), budget())
         fd, tmp = timed(f"create in {ctx.path}", lambda: tempfile.mkstemp(
-            prefix=".hangkit-doctor-", dir=ctx.path), budget())
+            prefix=TEMP_PREFIX, dir=ctx.path), budget())
         try:
             payload = os.urandom(1 << 20)
             timed(f"write {tmp}", lambda: os.write(fd, payload), budget())
@@ -73,7 +74,9 @@ def run(ctx: ProbeContext) -> Outcome:
         finally:
             os.close(fd)
             os.unlink(tmp)
-        for name in sorted(existing)[:SAMPLE_FILES]:
+        # Other ranks' probe files come and go in a shared --path: not the data to sample.
+        sample = sorted(n for n in existing if not n.startswith(TEMP_PREFIX))[:SAMPLE_FILES]
+        for name in sample:
             path = os.path.join(ctx.path, name)
             if os.path.isdir(path):
                 continue
