@@ -23,9 +23,11 @@ from hangkit.probes.child import RESULT_MARKER
 from hangkit.records import ProbeResult
 
 DEFAULT_TIMEOUT = 30.0
-# Processes the doctor runs at once: each may import torch (~300 MB); a probe waiting for a
-# slot has not started its deadline yet.
-MAX_PROCESSES = 16
+# Probe processes the doctor runs at once (a probe on N ranks counts N). Each may import
+# torch (~300 MB) and start children of its own; more than a few per core and the probes
+# measure the doctor's own load (slow imports, workers missing their deadlines) instead of
+# the machine. A probe waiting for a slot has not started its deadline yet.
+MAX_PROCESSES = max(4, 4 * (os.cpu_count() or 1))
 POLL_SECONDS = 0.05  # how often running probes are checked; their deadlines bound the wait
 # After the deadline's SIGKILL, how long the doctor waits for a probe's processes to be gone.
 REAP_SECONDS = 5.0
