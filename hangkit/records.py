@@ -218,6 +218,7 @@ class Beat(_Record):
     dump_signal: int | None = None
     main_ident: int | None = None  # the main thread's id, to find it in a faulthandler dump
     error: str | None = None  # the last line of an exception that ended the rank's work
+    extra: dict[str, Any] = field(default_factory=dict)  # hangkit.agent.publish()'s state
     sent_at: float = 0.0  # the sender's time.time()
 
     @classmethod
@@ -250,6 +251,7 @@ class RankStatus(_Record):
     straggler_score: float | None = None  # work per step against the other ranks' median
     fields: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # what the rank publish()ed
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RankStatus:

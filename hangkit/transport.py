@@ -44,8 +44,9 @@ class Signer:
         self._seq = itertools.count(1)
 
     def frames(self, message: dict) -> list[bytes]:
+        # default=str: a value JSON cannot carry is sent as its text, never stops the beats.
         body = json.dumps({**message, "sender": self.sender, "seq": next(self._seq)},
-                          separators=(",", ":")).encode()
+                          separators=(",", ":"), default=str).encode()
         return [PROTOCOL, hmac.new(self._key, body, hashlib.sha256).hexdigest().encode(), body]
 
 

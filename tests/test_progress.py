@@ -195,3 +195,24 @@ def test_importing_hangkit_loads_nothing_heavy():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_published_state_reaches_the_monitor():
+    code = ("import sys, hangkit.agent as a\n"
+            "a.publish('dataloader_workers', [{'pid': 7, 'state': 'fetching', 'index': 3}])\n"
+            "a.publish('odd', {1, 2})\n"  # not JSON: sent as its text, beats go on
+            "a.progress(step=1)\n"
+            "sys.stdin.read()\n")
+    with Monitor() as monitor:
+        env = {**os.environ, **monitor.environment(), "RANK": "0"}
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE)
+        try:
+            deadline, extra = time.monotonic() + 30, {}
+            while time.monotonic() < deadline and "odd" not in extra:
+                extra = next((r.extra for r in monitor.statuses() if r.rank == 0), {})
+                time.sleep(0.05)  # ok-sleep: polling the monitor against the deadline
+            assert extra == {"dataloader_workers": [{"pid": 7, "state": "fetching", "index": 3}],
+                             "odd": "{1, 2}"}, extra
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=10)

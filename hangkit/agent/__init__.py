@@ -4,8 +4,8 @@ Imports only the stdlib at import time (pyzmq when the agent starts, torch and m
 instrument() is called), so `hangkit.progress` costs nothing to import in a training script.
 """
 
-from hangkit.agent.beacon import progress
+from hangkit.agent.beacon import progress, publish
 from hangkit.agent.instrument import instrument
 from hangkit.agent.sidecar import current_agent, start_agent, stop_agent
 
-__all__ = ["current_agent", "instrument", "progress", "start_agent", "stop_agent"]
+__all__ = ["current_agent", "instrument", "progress", "publish", "start_agent", "stop_agent"]

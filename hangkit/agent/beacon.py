@@ -15,7 +15,7 @@ class ProgressState:
     read by the sidecar. Races between them only ever cost a moment of staleness."""
 
     __slots__ = ("calls", "step", "phase", "fields", "collective", "collective_seconds",
-                 "sequences", "error")
+                 "sequences", "error", "extra")
 
     def __init__(self):
         self.calls = 0
@@ -27,6 +27,8 @@ class ProgressState:
         self.collective_seconds = 0.0
         self.sequences: dict = {}
         self.error: str | None = None
+        # Structured state other parts publish with the beats (e.g. "dataloader_workers").
+        self.extra: dict = {}
 
 
 state = ProgressState()
@@ -48,6 +50,14 @@ def progress(step=None, phase=None, **fields) -> None:
         s.phase = phase
     if fields:
         s.fields.update(fields)
+    if not _autostart_done:
+        _autostart()
+
+
+def publish(name: str, value) -> None:
+    """Publishes structured state with this rank's next beats (JSON-able: dicts, lists,
+    numbers, strings), such as the safe DataLoader's worker states. Never raises."""
+    state.extra[name] = value
     if not _autostart_done:
         _autostart()
 

@@ -136,7 +136,8 @@ class Agent:
             fields={str(k): _plain(v) for k, v in list(s.fields.items())},
             collective=collective, collective_seconds=round(s.collective_seconds, 4),
             dump_file=self.fault_dump.path, dump_signal=self.fault_dump.signum,
-            main_ident=threading.main_thread().ident, error=s.error, sent_at=time.time())
+            main_ident=threading.main_thread().ident, error=s.error,
+            extra=dict(s.extra), sent_at=time.time())
 
     def _answer_requests(self) -> None:
         zmq = self._zmq

@@ -108,7 +108,7 @@ class Collector:
                 since_progress=round(since, 3), beat_age=round(beat_age, 3),
                 step_rate=_round(measured[track.key][0]), collective=collective,
                 straggler_score=_round(scores.get(track.key)), fields=dict(beat.fields),
-                error=beat.error))
+                error=beat.error, extra=dict(beat.extra)))
         return out
 
     def straggler_scores(self, measured: dict[str, tuple]) -> dict[str, float]:
