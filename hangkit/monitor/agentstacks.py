@@ -13,8 +13,10 @@ import contextlib
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from hangkit.monitor.collector import key_of
 from hangkit.records import Frame, ThreadStack
 
 _THREAD = re.compile(r"^(Current thread|Thread) (0x[0-9a-f]+) \(most recent call first\):")
@@ -42,14 +44,16 @@ def gather(monitor, keys: list[str], *, timeout: float = 1.0) -> dict[str, Agent
         if key in tracks:
             b = tracks[key].beat
             out[key] = AgentStacks(key, b.pid, b.rank, b.host, threads, "agent")
-    for key, track in tracks.items():
-        b = track.beat
-        if key in out or b.host != monitor.host or not (b.dump_file and b.dump_signal):
-            continue
-        threads = faulthandler_dump(b.pid, b.dump_file, b.dump_signal, b.main_ident,
-                                    timeout=timeout)
-        if threads:
-            out[key] = AgentStacks(key, b.pid, b.rank, b.host, threads, "faulthandler")
+    silent = [t.beat for k, t in tracks.items() if k not in out and t.beat.host == monitor.host
+              and t.beat.dump_file and t.beat.dump_signal]
+    if silent:  # all at once: many ranks holding the GIL cost one timeout, not one each
+        with ThreadPoolExecutor(max_workers=min(len(silent), 32)) as pool:
+            dumps = pool.map(lambda b: faulthandler_dump(
+                b.pid, b.dump_file, b.dump_signal, b.main_ident, timeout=timeout), silent)
+            for b, threads in zip(silent, dumps):
+                if threads:
+                    key = key_of(b)
+                    out[key] = AgentStacks(key, b.pid, b.rank, b.host, threads, "faulthandler")
     return out
 
 
