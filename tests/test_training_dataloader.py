@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-import re
 import multiprocessing
+import re
 import sys
 import tempfile
 import time
