@@ -86,15 +86,18 @@ def test_dl01_blocking_getitem_names_worker_index_and_stack(monkeypatch):
 
 
 def test_dl02_worker_killed_by_signal():
-    loader = safe_dataloader(datasets.KilledAt(32, fatal=13), batch_size=4, num_workers=2,
+    # Index 29 is past what the test batch's workers prefetch (2 workers x 2 batches x 4 =
+    # indices 0-15): the test passes, and the worker dies during the epoch.
+    loader = safe_dataloader(datasets.KilledAt(32, fatal=29), batch_size=4, num_workers=2,
                              timeout=20, test_timeout=20)
+    assert loader.num_workers == 2
     with pytest.raises(DataLoaderWorkerDied) as info:
         for _ in loader:
             pass
     text = str(info.value)
     (dead,) = info.value.workers
     assert f"worker {dead['worker']} (pid {dead['pid']}) killed by signal 9" in text, text
-    assert "SIGKILL" in text and "while fetching dataset index 13" in text, text
+    assert "SIGKILL" in text and "while fetching dataset index 29" in text, text
     assert isinstance(info.value, RuntimeError)
 
 

@@ -269,9 +269,14 @@ class SafeDataLoader:
                     batch = next(it)
                 except StopIteration:
                     return
-                except RuntimeError as e:
+                except (RuntimeError, OSError, EOFError) as e:
+                    # A dead worker shows as torch's RuntimeError, or as the broken queue to
+                    # it (ConnectionResetError, EOFError), whichever the main process sees first.
                     failed = True
-                    raise self._explain(tracker, it, e) from e
+                    explained = self._explain(tracker, it, e)
+                    if explained is e:
+                        raise
+                    raise explained from e
                 if time.monotonic() >= next_publish:
                     self._publish(tracker, it)
                     next_publish = time.monotonic() + PUBLISH_EVERY
@@ -282,19 +287,22 @@ class SafeDataLoader:
                 self._publish(tracker, it)
             tracker.close()
 
-    def _explain(self, tracker, it, e: RuntimeError) -> HangkitError | RuntimeError:
+    def _explain(self, tracker, it, e: Exception) -> Exception:
         text = str(e)
+        broken_queue = isinstance(e, OSError | EOFError)
         rank = _rank()
         who = f"rank {rank}" if rank is not None else f"pid {os.getpid()}"
         states = tracker.states(it)
         self.last_states = states
         dead = [w for w in states if w["state"].startswith(("killed", "exited"))]
-        if "killed by signal" in text or "exited unexpectedly" in text or dead:
+        if "killed by signal" in text or "exited unexpectedly" in text or broken_queue or dead:
             if not dead:  # torch saw it first; the exit code may still be being reaped
                 deadline = time.monotonic() + 2.0
                 while not dead and time.monotonic() < deadline:
                     for w in getattr(it, "_workers", []):
-                        w.join(timeout=0.05)
+                        # torch's SIGCHLD handler may raise this same death here.
+                        with contextlib.suppress(RuntimeError):
+                            w.join(timeout=0.05)
                     states = tracker.states(it)
                     dead = [w for w in states if w["state"].startswith(("killed", "exited"))]
             parts = []
