@@ -120,3 +120,16 @@ def test_a_progress_line_every_log_interval(caplog):
 def test_bad_settings_are_named(kwargs, words):
     with pytest.raises(Exception, match=words):
         Job().runner(**kwargs)
+
+
+def test_every_training_name_resolves_without_loading_torch_at_import():
+    import subprocess
+    import sys
+
+    code = ("import sys, hangkit.training as t\n"
+            "heavy = [m for m in ('torch', 'mpi4py', 'wandb') if m in sys.modules]\n"
+            "missing = [n for n in t.__all__ if getattr(t, n, None) is None]\n"
+            "print(heavy, missing)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.strip() == "[] []", done.stdout + done.stderr
