@@ -42,10 +42,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import psutil
+from benchrun import MARKER, MARKER_VALUE, marked_processes, print_summary
 
 from hangkit.agent import current_agent, progress, start_agent, stop_agent
 from hangkit.monitor.merge import groups, merged_tree
@@ -54,8 +54,6 @@ from hangkit.monitor.stall import StallConfig
 from hangkit.records import Frame, ProcessSnapshot, ThreadStack
 
 PROGRAMS = Path(__file__).resolve().parent / "programs"
-# Every process this script starts inherits this variable, so none can be left behind unseen.
-MARKER, MARKER_VALUE = "HANGKIT_BENCH_ID", uuid.uuid4().hex
 
 BATCHES, CALLS = 200, 10_000
 PHASES = ("data", "forward", "backward", "sync", "optimizer", "log")
@@ -75,17 +73,6 @@ def judged(what: str, shown: str, goal: str, ratio: float, met: bool) -> tuple[b
     """A figure's line: its value, its goal, the ratio of the two, and the verdict."""
     return met, f"{what}: {shown} (goal {goal}; ratio to goal {ratio:.2f}, " \
                 f"{'met' if met else 'MISSED'})"
-
-
-def marked_processes() -> list[psutil.Process]:
-    """Live (not zombie) processes carrying this run's marker, wherever they were re-parented."""
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if (proc.pid != os.getpid() and proc.status() != psutil.STATUS_ZOMBIE
-                    and proc.environ().get(MARKER) == MARKER_VALUE):
-                found.append(proc)
-    return found
 
 
 def end_all(*roots: subprocess.Popen | None) -> None:
@@ -385,11 +372,7 @@ def main() -> int:
                     results.append((line, met))
         finally:
             end_all()
-    left = marked_processes()
-    print(f"\nsummary ({time.monotonic() - started:.0f} s):")
-    for line, met in results:
-        print(f"  [{'ok' if met else 'MISSED'}] {line}")
-    print(f"  processes left behind: {', '.join(str(p.pid) for p in left) or 'none'}")
+    print_summary(results, started)
     return 0
 
 

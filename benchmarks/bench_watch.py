@@ -36,19 +36,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import psutil
+from benchrun import MARKER, MARKER_VALUE, marked_processes, print_summary
 
 HERE = Path(__file__).resolve().parent
 PROGRAMS = HERE / "programs"
 MPIEXEC = Path(sys.executable).with_name("mpiexec")
 WATCH = [sys.executable, "-m", "hangkit", "watch"]
 
-# Every process this script starts inherits this variable, so none can be left behind unseen.
-MARKER = "HANGKIT_BENCH_ID"
-MARKER_VALUE = uuid.uuid4().hex
 
 CHATTY_LINES, CHATTY_INTERVAL = 100, 0.1
 CPU_FROM_LINE, CPU_TO_LINE = 20, 95
@@ -71,19 +68,6 @@ def verdict(met: bool) -> str:
 
 
 # ---------------------------------------------------------------- processes and their cleanup
-
-
-def marked_processes() -> list[psutil.Process]:
-    """Live (not zombie) processes carrying this run's marker, wherever they were re-parented."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if (proc.pid != os.getpid() and proc.status() != psutil.STATUS_ZOMBIE
-                    and proc.environ().get(MARKER) == MARKER_VALUE):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
 
 
 def kill_all(root: subprocess.Popen | None = None, timeout: float = 10.0) -> None:
@@ -349,11 +333,7 @@ def main() -> int:
                 results.append((line, met))
         finally:
             kill_all()
-    left = marked_processes()
-    print(f"\nsummary ({time.monotonic() - started:.0f} s):")
-    for line, met in results:
-        print(f"  [{'ok' if met else 'MISSED'}] {line}")
-    print(f"  processes left behind: {', '.join(map(str, (p.pid for p in left))) or 'none'}")
+    print_summary(results, started)
     return 0
 
 

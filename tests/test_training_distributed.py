@@ -266,7 +266,7 @@ def test_mp01_without_the_hook_the_job_hangs(tmp_path):
         deadline = time.monotonic() + 20
         while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")
-            time.sleep(0.05)
+            time.sleep(0.05)  # ok-sleep: polling for the ranks' ready files, with a deadline
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(timeout=5)  # still hanging 5 s after both ranks started
     finally:
