@@ -187,3 +187,18 @@ def test_output_tail_keeps_the_last_lines_of_both_streams():
 def test_af_unix_path_length_matches_multiprocessing():
     assert af_unix_path_length("/tmp") == len("/tmp/pymp-abcdefgh/listener-abcdefgh")
     assert af_unix_path_length("/" + "x" * 80) > AF_UNIX_PATH_MAX
+
+
+def test_report_shows_the_workers_a_rank_published():
+    from hangkit.monitor.report import render_ranks
+    from hangkit.records import RankStatus
+
+    workers = [{"worker": 0, "pid": 41, "state": "fetching", "index": 9, "seconds": 12.34},
+               {"worker": 1, "pid": 42, "state": "killed by signal 9", "signal": 9}]
+    status = RankStatus(key="rank 2", rank=2, pid=40, host="n1", status="stalled", step=7,
+                        phase="data", extra={"dataloader_workers": workers})
+    report = HangReport(hang=True, reason="r", command=[], idle_seconds=1.0, ranks=[status])
+    lines = render_ranks(HangReport.from_json(json.loads(json.dumps(report.to_json()))))
+    assert lines[1:] == ["    DataLoader worker 0 (pid 41): fetching index 9 for 12.3 s",
+                         "    DataLoader worker 1 (pid 42): killed by signal 9"], lines
+    assert "DataLoader worker 0 (pid 41): fetching index 9" in render_markdown(report)

@@ -87,7 +87,25 @@ def render_ranks(report: HangReport) -> list[str]:
         if r.error:
             parts.append(f"error: {r.error}")
         lines.append(", ".join(parts) + f" (pid {r.pid} on {r.host})")
+        lines += [f"    {w}" for w in render_workers(r.extra.get("dataloader_workers"))]
     lines += [f"[{e.kind}] {e.summary}" for e in report.events]
+    return lines
+
+
+def render_workers(workers) -> list[str]:
+    """A rank's DataLoader workers as its safe DataLoader last published them."""
+    if not isinstance(workers, list):
+        return []
+    lines = []
+    for w in workers:
+        if not isinstance(w, dict):
+            continue
+        line = f"DataLoader worker {w.get('worker')} (pid {w.get('pid')}): {w.get('state')}"
+        if w.get("index") is not None:
+            line += f" index {w['index']}"
+            if w.get("seconds") is not None:
+                line += f" for {w['seconds']:.1f} s"
+        lines.append(line)
     return lines
 
 
