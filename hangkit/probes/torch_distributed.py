@@ -46,10 +46,9 @@ import re
 import socket
 import threading
 import time
-import zlib
 from datetime import timedelta
 
-from hangkit.launcher import job_nodes
+from hangkit.launcher import derived_port, job_nodes, port_holder, wait_for_listener
 from hangkit.probes.api import Outcome, ProbeContext, fail, ok, skipped, timed_out, warn
 from hangkit.probes.environment import LOCAL_SIZE_VARIABLES
 from hangkit.probes.mpi import launcher_rank, wait_request
@@ -59,9 +58,6 @@ from hangkit.probes.mpi import launcher_rank, wait_request
 MARGIN = 2.5
 # Seconds before the doctor's deadline at which the probe stops waiting for a step and reports.
 JOIN_MARGIN = 1.0
-# Where a port derived from PBS_JOBID lies: below Linux's ephemeral range (32768-60999), so no
-# outgoing connection holds it, and away from torchrun's default 29500.
-DERIVED_PORT_BASE, DERIVED_PORT_SPAN = 21000, 8000
 LOCAL_RANK_VARIABLES = ("PALS_LOCAL_RANKID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK",
                         "LOCAL_RANK")
 
@@ -182,7 +178,7 @@ class _Probe:
         if launcher_rank(env) and importlib.util.find_spec("mpi4py") is not None:
             return self.port_through_mpi(), "a free port rank 0 shared through MPI"
         if env.get("PBS_JOBID"):
-            port = DERIVED_PORT_BASE + zlib.crc32(env["PBS_JOBID"].encode()) % DERIVED_PORT_SPAN
+            port = derived_port(env["PBS_JOBID"])
             return port, "derived from PBS_JOBID"
         raise _StepFailed(fail(
             "MASTER_PORT is not set and these ranks have no way to agree on one (no MPI "
@@ -309,19 +305,13 @@ class _Probe:
         store (TCPStore's handshake fails next). TCPStore's client would retry all of these
         alike, with backoff, overrunning its timeout up to twofold. (The store ignores a
         connection that closes without a word.)"""
-        started, last = time.monotonic(), "no attempt"
-        while True:
-            left = self.ctx.remaining(MARGIN)
-            if left <= 0:
-                raise TimeoutError(f"timed out: nothing accepted a connection at {addr}:{port} "
-                                   f"in {time.monotonic() - started:.1f} s (last: {last}); "
-                                   "rank 0 has not opened the store there")
-            try:
-                with socket.create_connection((addr, port), timeout=min(left, 2.0)):
-                    return
-            except OSError as e:
-                last = e.strerror or type(e).__name__
-                time.sleep(min(0.2, left))
+        started = time.monotonic()
+        try:
+            wait_for_listener(addr, port, started + self.ctx.remaining(MARGIN), retry=0.2)
+        except TimeoutError as e:
+            raise TimeoutError(f"timed out: nothing accepted a connection at {addr}:{port} "
+                               f"in {time.monotonic() - started:.1f} s (last: {e}); "
+                               "rank 0 has not opened the store there") from None
 
     def step(self, name: str, what: str, call, port: int | None = None):
         """Runs call(timeout) in a thread and waits for it until just before the doctor's
@@ -369,7 +359,7 @@ class _Probe:
                  f"{type(error).__name__}: {message}")
         advice = TD05_ADVICE if name in ("store", "process group") else COLLECTIVE_ADVICE
         if port and "EADDRINUSE" in str(error):
-            holder = _holder(port)
+            holder = port_holder(port)
             return fail(f"{name} step: MASTER_PORT {port} is already in use"
                         + (f" by {holder}" if holder else "")
                         + " (EADDRINUSE): rank 0 cannot open the store there", advice)
@@ -402,24 +392,6 @@ class _Probe:
         with contextlib.suppress(Exception):
             dist.destroy_process_group(group)
         return f"all_reduce on cuda:{device} {_took(self.seconds['nccl all_reduce'])}"
-
-
-def _holder(port: int) -> str | None:
-    """Which process listens on `port` (TD-05: "port in use by whom"); None when the kernel
-    does not say (another user's process)."""
-    import psutil
-
-    with contextlib.suppress(psutil.Error, OSError):
-        for conn in psutil.net_connections(kind="tcp"):
-            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
-                if conn.pid is None:
-                    return "a process of another user"
-                with contextlib.suppress(psutil.Error):
-                    proc = psutil.Process(conn.pid)
-                    return f"pid {conn.pid} ({' '.join(proc.cmdline())[:120]})"
-                return f"pid {conn.pid}"
-    return None
-
 
 
 def _took(seconds: float) -> str:

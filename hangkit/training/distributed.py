@@ -31,11 +31,16 @@ import sys
 import time
 import traceback
 import warnings
-import zlib
 from datetime import timedelta
 
 from hangkit.errors import HangkitError, UsageError
-from hangkit.launcher import job_nodes
+from hangkit.launcher import (  # noqa: F401 - the port range is part of this API
+    DERIVED_PORT_BASE,
+    DERIVED_PORT_SPAN,
+    derived_port,
+    job_nodes,
+    wait_for_listener,
+)
 from hangkit.rankenv import rank_from_environ, world_size_from_environ
 
 log = logging.getLogger(__name__)
@@ -46,9 +51,6 @@ __all__ = [
     "get_store", "init_distributed", "install_mpi_excepthook", "mpi_barrier",
 ]
 
-# Where a port derived from PBS_JOBID lies (as the doctor's torch_distributed probe): below
-# Linux's ephemeral range, away from torchrun's 29500.
-DERIVED_PORT_BASE, DERIVED_PORT_SPAN = 21000, 8000
 TD05_HINT = ("every rank must reach the store at MASTER_ADDR:MASTER_PORT, and WORLD_SIZE must "
              "equal the ranks launched; run `hangkit doctor --only torch_distributed` in the job")
 TD01_HINT = ("a rank skipped this barrier or is stuck before it (rank-0-only eval or "
@@ -165,28 +167,11 @@ def _plan(master_addr, master_port, rank, world_size, environ) -> tuple[str, int
                 raise UsageError(f"MASTER_PORT={value!r} is not a port number")
             master_port = int(value)
         elif environ.get("PBS_JOBID"):
-            master_port = DERIVED_PORT_BASE + (zlib.crc32(environ["PBS_JOBID"].encode())
-                                               % DERIVED_PORT_SPAN)
+            master_port = derived_port(environ["PBS_JOBID"])
         else:
             raise UsageError("MASTER_PORT is not set and there is no PBS_JOBID to derive one "
                              "from", hint="export MASTER_PORT (the same free port on every rank)")
     return master_addr, int(master_port), int(rank), int(world_size)
-
-
-def _reach(addr: str, port: int, deadline: float) -> None:
-    """Connects by hand until something accepts, so that 'nothing listens' is reported as
-    such (TCPStore's client retries everything alike, overrunning its timeout)."""
-    last = "no attempt"
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(last)
-        try:
-            with socket.create_connection((addr, port), timeout=min(left, 2.0)):
-                return
-        except OSError as e:
-            last = e.strerror or type(e).__name__
-            time.sleep(min(0.1, max(left, 0)))
 
 
 def _joined(store, world_size: int) -> list[int]:
@@ -226,7 +211,7 @@ def init_distributed(backend: str = "gloo", *, timeout: float = 120.0,
                                   "this host?", **context) from e
     else:
         try:
-            _reach(addr, port, deadline)
+            wait_for_listener(addr, port, deadline)
             store = dist.TCPStore(addr, port, None, False,
                                   timedelta(seconds=max(deadline - time.monotonic(), 1.0)))
         except Exception as e:
