@@ -5,6 +5,9 @@ from __future__ import annotations
 # Variables that carry a process's rank, in the order launchers are checked.
 RANK_VARIABLES = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "PALS_RANKID", "RANK")
 SIZE_VARIABLES = ("PMI_SIZE", "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE", "PALS_SIZE", "WORLD_SIZE")
+# A process's rank on its own node (which GPU it takes).
+LOCAL_RANK_VARIABLES = ("PALS_LOCAL_RANKID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK",
+                        "LOCAL_RANK")
 
 
 def _first_int(env: dict[str, str] | None, names: tuple[str, ...]) -> int | None:
@@ -21,3 +24,7 @@ def rank_from_environ(env: dict[str, str] | None) -> int | None:
 
 def world_size_from_environ(env: dict[str, str] | None) -> int | None:
     return _first_int(env, SIZE_VARIABLES)
+
+
+def local_rank_from_environ(env: dict[str, str] | None) -> int | None:
+    return _first_int(env, LOCAL_RANK_VARIABLES)

@@ -133,3 +133,50 @@ def test_every_training_name_resolves_without_loading_torch_at_import():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert done.stdout.strip() == "[] []", done.stdout + done.stderr
+
+
+class FlagRecorder:
+    """Records what the runner tells an ErrorFlag (the real one, over gloo ranks, is exercised
+    by tests/test_examples.py's injections)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def check(self, error, *, step=None):
+        self.calls.append((step, None if error is None else str(error)))
+
+
+class FailingLoader:
+    """Yields 0, 1, 2, 3; fetching batch `bad` of epoch 0 raises, as a dead worker does."""
+
+    def __init__(self, bad):
+        self.bad, self.epochs = bad, 0
+
+    def __iter__(self):
+        epoch, self.epochs = self.epochs, self.epochs + 1
+        for batch in range(4):
+            if epoch == 0 and batch == self.bad:
+                raise RuntimeError("worker died")
+            yield batch
+
+
+def test_the_error_flag_is_checked_after_the_data_phase_and_carries_its_failure():
+    job, flag = Job(), FlagRecorder()
+    runner = StepRunner(job.step, FailingLoader(bad=2), epochs=2, error_flag=flag,
+                        on_epoch_start=job.start)
+    state = runner.run()
+    # Every fetched batch is checked before its step; the failed fetch is reported, not run.
+    assert flag.calls == [(0, None), (1, None), (2, "worker died"),
+                          (2, None), (3, None), (4, None), (5, None)]
+    assert [(e, b) for e, b, _ in job.seen] == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3)]
+    assert len(state.failed_epochs) == 1 and "RuntimeError: worker died" in state.failed_epochs[0]
+
+
+def test_each_step_records_its_phase_timings():
+    job = Job()
+    state = job.runner(epochs=1).run()
+    assert [t["step"] for t in state.history] == [0, 1, 2, 3]
+    timing = state.history[-1]
+    assert list(timing["phases"]) == ["data", "forward", "backward", "sync", "optimizer", "log"]
+    assert all(v >= 0 for v in timing["phases"].values()) and timing["epoch"] == 0
+    assert state.history[0]["start"] <= timing["start"]

@@ -52,14 +52,13 @@ from hangkit.launcher import derived_port, job_nodes, port_holder, wait_for_list
 from hangkit.probes.api import Outcome, ProbeContext, fail, ok, skipped, timed_out, warn
 from hangkit.probes.environment import LOCAL_SIZE_VARIABLES
 from hangkit.probes.mpi import launcher_rank, wait_request
+from hangkit.rankenv import local_rank_from_environ
 
 # Seconds each step's own timeout leaves before the doctor's deadline: torch's store timeouts
 # overrun theirs by up to a second, and the result must still be written.
 MARGIN = 2.5
 # Seconds before the doctor's deadline at which the probe stops waiting for a step and reports.
 JOIN_MARGIN = 1.0
-LOCAL_RANK_VARIABLES = ("PALS_LOCAL_RANKID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK",
-                        "LOCAL_RANK")
 
 TD05_ADVICE = (
     "TD-05 (rendezvous): every rank must reach the store at MASTER_ADDR:MASTER_PORT, and "
@@ -372,8 +371,8 @@ class _Probe:
             return "skipped (no GPU visible: torch.cuda.is_available() is False)"
         if not dist.is_nccl_available():
             return f"skipped (torch {torch.__version__} is built without nccl)"
-        local = next((int(self.env[v]) for v in LOCAL_RANK_VARIABLES
-                      if self.env.get(v, "").isdigit()), rank)
+        local = local_rank_from_environ(self.env)
+        local = rank if local is None else local
         device = local % torch.cuda.device_count()
         torch.cuda.set_device(device)
         group = self.step("nccl group", f"new_group('nccl') on cuda:{device}",

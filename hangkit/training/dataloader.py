@@ -134,6 +134,27 @@ def _remove_sigchld_pids(it) -> None:
         it._worker_pids_set = False
 
 
+def _watch_deaths(it, on: bool) -> None:
+    """Lets torch's SIGCHLD handler raise a worker's death only while this process waits in
+    next(). Otherwise it raises wherever the main thread happens to be, say inside the
+    error flag's all-reduce after this rank's share was sent, and the ranks fall out of step."""
+    if on and not getattr(it, "_worker_pids_set", True):
+        from torch.utils.data import _utils
+
+        _utils.signal_handling._set_worker_pids(id(it), tuple(w.pid for w in it._workers))
+        it._worker_pids_set = True
+    elif not on:
+        _remove_sigchld_pids(it)
+
+
+def _dead_worker(it) -> str | None:
+    """torch's own wording for a worker that died while its death was not watched."""
+    dead = [w.pid for w in getattr(it, "_workers", []) if not w.is_alive()]
+    if dead and not getattr(it, "_shutdown", False):
+        return f"DataLoader worker (pid(s) {', '.join(map(str, dead))}) exited unexpectedly"
+    return None
+
+
 def _stop_workers(it, *, kill: bool) -> None:
     """Shuts the iterator's workers down now. Hung ones are killed first: torch's own shutdown
     waits 5 s for each before it terminates it."""
@@ -262,11 +283,19 @@ class SafeDataLoader:
         failed = False
         try:
             it = iter(self.loader)
+            _watch_deaths(it, False)
             self._publish(tracker, it)
             next_publish = time.monotonic() + PUBLISH_EVERY
             while True:
                 try:
-                    batch = next(it)
+                    died = _dead_worker(it)
+                    if died is not None:
+                        raise RuntimeError(died)
+                    _watch_deaths(it, True)
+                    try:
+                        batch = next(it)
+                    finally:
+                        _watch_deaths(it, False)
                 except StopIteration:
                     return
                 except (RuntimeError, OSError, EOFError) as e:
@@ -326,8 +355,10 @@ class SafeDataLoader:
             lines = [f"{who}: DataLoader got no batch within {self.loader.timeout:g} s"]
             if not suspects:
                 lines[0] += "; every worker is idle (lost batch: see DL-06/DL-07)"
+            else:  # the first line is what other ranks are told (ErrorFlag, PeerFailed)
+                lines[0] += ": " + "; ".join(_describe(w) for w in suspects[:4])
             for w in suspects[:4]:
-                lines.append(f"  {_describe(w)}; its stack (innermost last):")
+                lines.append(f"  worker {w['worker']}'s stack (innermost last):")
                 lines.append(_stack_text(w["pid"], self.stack_timeout) if w["pid"]
                              else "    (no pid yet)")
             return DataLoaderHang(

@@ -106,7 +106,7 @@ class PeerFailed(DistributedError):
     def __init__(self, failed: dict[int, str], *, rank: int | None = None, step=None):
         self.failed = dict(sorted(failed.items()))
         self.step = step
-        lines = [f"rank {r}: {_last_line(tb)}" for r, tb in self.failed.items()]
+        lines = [f"rank {r}: {_headline(tb)}" for r, tb in self.failed.items()]
         at = f" at step {step}" if step is not None else ""
         super().__init__(f"{_ranks_word(self.failed)} failed{at}: " + "; ".join(lines),
                          hint=TD04_HINT, rank=rank)
@@ -121,6 +121,26 @@ class UnevenBatches(HangkitError, ValueError):
     def __init__(self, counts: dict[int, int]):
         self.counts = dict(counts)
         super().__init__(_uneven_message(self.counts), hint=TD06_HINT)
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0].strip() if lines else "(no message)"
+
+
+def _headline(text: str) -> str:
+    """ErrorFlag's texts start with a summary line; a bare traceback ends with one."""
+    return _last_line(text) if text.lstrip().startswith("Traceback") else _first_line(text)
+
+
+def _summary(error: BaseException) -> str:
+    """One line for the other ranks. An exception a DataLoader worker raised comes back as
+    "Caught X in DataLoader worker process N." with the worker's own message last."""
+    text = str(error)
+    line = f"{type(error).__name__}: {_first_line(text)}"
+    if "Original Traceback" in text:
+        line += f" {_last_line(text)}"
+    return line
 
 
 def _last_line(text: str) -> str:
@@ -274,11 +294,11 @@ def barrier(*, timeout: float = 300.0, group=None) -> None:
     generations = _state["generations"]
     gen = generations[name] = generations.get(name, 0) + 1
     key = f"hangkit/barrier/{name}/{{gen}}/{{rank}}"
-    store.set(key.format(gen=gen, rank=me), "1")
+    _store_call(lambda: store.set(key.format(gen=gen, rank=me), "1"), me, gen)
     keys = [key.format(gen=gen, rank=r) for r in ranks]
     deadline = time.monotonic() + timeout
     delay = 0.002
-    while not store.check(keys):
+    while not _store_call(lambda: store.check(keys), me, gen):
         if time.monotonic() >= deadline:
             arrived = [r for r in ranks if store.check([key.format(gen=gen, rank=r)])]
             missing = [r for r in ranks if r not in arrived]
@@ -291,6 +311,16 @@ def barrier(*, timeout: float = 300.0, group=None) -> None:
     # Every rank has set its key of this barrier, so all have left the previous one.
     with contextlib.suppress(Exception):
         store.delete_key(key.format(gen=gen - 1, rank=me))
+
+
+def _store_call(call, me: int, gen: int):
+    try:
+        return call()
+    except Exception as e:  # DistNetworkError: the store's host, rank 0, has gone
+        raise DistributedError(f"barrier #{gen} on rank {me}: the store is gone "
+                               f"({_first_line(str(e) or repr(e))})",
+                               hint="rank 0 hosts the store: it has exited; look at its output",
+                               rank=me) from e
 
 
 _MPI_BARRIER_TAG = 7400
@@ -389,8 +419,10 @@ class ErrorFlag:
         me = dist.get_rank()
         text = None
         if error is not None:
-            text = error if isinstance(error, str) else "".join(
-                traceback.format_exception(type(error), error, error.__traceback__))
+            # The first line is the summary the others print; the traceback follows.
+            text = error if isinstance(error, str) else (
+                f"{_summary(error)}\n" + "".join(
+                    traceback.format_exception(type(error), error, error.__traceback__)))
         store = _state.get("store")
         if text is not None and store is not None:
             # Set before the all_reduce, so it is there when the others read it.
@@ -423,8 +455,13 @@ def _wait(work, timeout: float, what: str, rank: int) -> None:
     try:
         work.wait(timeout=timedelta(seconds=timeout))
     except Exception as e:
+        reason = _last_line(str(e))
+        if "timed out" not in reason.lower() and "timeout" not in reason.lower():
+            raise DistributedError(f"{what} failed on rank {rank}: {reason}",
+                                   hint="another rank has exited: look at its output",
+                                   rank=rank) from e
         raise CollectiveTimeout(f"{what} did not complete on rank {rank} within {timeout:g} s: "
-                                f"{_last_line(str(e))}",
+                                f"{reason}",
                                 hint="a rank is stuck inside its step or has died: look at its "
                                 "stack", rank=rank) from e
 

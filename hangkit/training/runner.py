@@ -11,6 +11,11 @@ cleans up on success, failure and interrupt.
 where a rank stopped. Fetching the batch is the "data" phase; the runner reports "log" after
 the step. Whatever the step returns (a dict of metrics) goes to `on_metrics`.
 
+With `error_flag` (an ErrorFlag; distributed training), every step starts with the flag's
+check once the batch is fetched (or failed to be): a rank whose data phase failed tells the
+others, and all ranks end that epoch together. Failures inside the step after its first
+collective are not covered: the process group's timeout and the monitor are.
+
 Failures are handled per epoch: an exception ends that epoch (logged with its traceback),
 and the next epoch starts; after `max_failures` failed epochs in a row the runner raises
 TrainingFailed. KeyboardInterrupt is never swallowed, but cleanup still runs.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -30,6 +36,7 @@ from hangkit.errors import HangkitError
 log = logging.getLogger(__name__)
 
 PHASES = ("data", "forward", "backward", "sync", "optimizer", "log")
+HISTORY = 2000  # steps of timings kept
 
 
 class TrainingFailed(HangkitError, RuntimeError):
@@ -50,6 +57,9 @@ class RunState:
     consecutive_failures: int = 0
     finished: bool = False
     last_metrics: dict = field(default_factory=dict)
+    # The latest steps' timings, oldest first, for plots: {"step", "epoch", "start" (time.time()),
+    # "phases": {phase: seconds}}; a step's time is the sum of its phases.
+    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
 
 
 class StepRunner:
@@ -57,7 +67,8 @@ class StepRunner:
                  max_failures: int = 3, log_interval: float = 30.0,
                  on_metrics: Callable[[int, dict], None] | None = None,
                  on_epoch_start: Callable[[int], None] | None = None,
-                 cleanup: Iterable[Callable[[], object]] = (), clock=time.monotonic):
+                 cleanup: Iterable[Callable[[], object]] = (), error_flag=None,
+                 clock=time.monotonic):
         if epochs < 1:
             raise HangkitError(f"epochs must be at least 1, got {epochs}")
         if max_failures < 1:
@@ -66,6 +77,7 @@ class StepRunner:
         self.max_failures, self.log_interval = max_failures, log_interval
         self.on_metrics, self.on_epoch_start = on_metrics, on_epoch_start
         self.cleanup_steps = list(cleanup)
+        self.error_flag = error_flag
         self.clock = clock
         self.state = RunState()
         self._iterator = None
@@ -104,15 +116,28 @@ class StepRunner:
                 self.on_epoch_start(s.epoch)
             self._iterator = iter(self.loader)
             s.epoch_step = 0
+        self._timing = {"step": s.step, "epoch": s.epoch, "start": time.time(), "phases": {}}
+        self._mark = ("data", time.perf_counter())
         try:
             progress(step=s.step, phase="data", epoch=s.epoch)
+            error = None
             try:
                 batch = next(self._iterator)
             except StopIteration:
                 self._end_epoch(failure=None)
                 return False
+            except Exception as e:  # a dead or stuck worker, a corrupt sample
+                error = e
+            if self.error_flag is not None:
+                # The step boundary, before the step's collectives: a rank that failed in the
+                # data phase tells the others here, and every rank ends the epoch at the same
+                # step, instead of the others waiting for it inside DDP's all-reduce (TD-04).
+                self._phase("sync")
+                self.error_flag.check(error, step=s.step)  # PeerFailed on the other ranks
+            if error is not None:
+                raise error
             metrics = self.train_step(batch, self._phase)
-            progress(phase="log")
+            self._phase("log")
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception:
@@ -124,12 +149,20 @@ class StepRunner:
             s.last_metrics = dict(metrics)
             if self.on_metrics is not None:
                 self.on_metrics(s.step, s.last_metrics)
+        self._phase(None)
+        s.history.append(self._timing)
         self._maybe_log()
         return True
 
-    @staticmethod
-    def _phase(name: str) -> None:
-        progress(phase=name)
+    def _phase(self, name: str | None) -> None:
+        """Reports the phase `name` and closes the timing of the one before (None: the end)."""
+        now = time.perf_counter()
+        previous, since = self._mark
+        phases = self._timing["phases"]
+        phases[previous] = phases.get(previous, 0.0) + (now - since)
+        self._mark = (name, now)
+        if name is not None:
+            progress(phase=name)
 
     def _end_epoch(self, *, failure: str | None) -> None:
         s = self.state

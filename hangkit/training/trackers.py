@@ -359,8 +359,11 @@ def _stop_wandb_telemetry() -> None:
     # The failed init made one of its own (wandb_init.py: OpenTelemetryProxy.from_settings),
     # reachable from nowhere but its atexit hook: found once, by type.
     import gc
+    import warnings
 
-    proxies = [o for o in gc.get_objects() if isinstance(o, otel.OpenTelemetryProxy)]
+    with warnings.catch_warnings():  # isinstance() on some objects warns (torch's reduce_op)
+        warnings.simplefilter("ignore")
+        proxies = [o for o in gc.get_objects() if isinstance(o, otel.OpenTelemetryProxy)]
     for proxy in proxies:
         # Marks it shut down at once (so its atexit hook returns at once), then flushes in a
         # daemon thread that is abandoned if the server does not answer.
