@@ -240,7 +240,7 @@ class RankStatus(_Record):
     rank: int | None
     pid: int
     host: str
-    status: str  # running, waiting, slow, stalled, dead, errored
+    status: str  # running, idle, waiting, slow, stalled, dead, errored, finished
     step: int | None = None
     phase: str | None = None
     phase_seconds: float = 0.0

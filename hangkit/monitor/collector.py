@@ -143,12 +143,19 @@ def _median_without(ordered: list[float], i: int) -> float:
     return at(n // 2) if n % 2 else (at(n // 2 - 1) + at(n // 2)) / 2
 
 
+# A rank that reports this phase is not working by intent (an MPI engine between notebook
+# cells): never stalled, however long it has not advanced.
+IDLE_PHASE = "idle"
+
+
 def _status(track: Track, beat_age: float, since: float, score: float | None,
             stall_after: float, dead_after: float, slow_score: float) -> str:
     if track.finished:
         return "errored" if track.beat.error else "finished"
     if track.gone or beat_age >= dead_after:
         return "dead"
+    if track.beat.phase == IDLE_PHASE:
+        return "idle"
     if since >= stall_after:
         collective = track.beat.collective
         return "waiting" if collective is not None and collective.inside else "stalled"

@@ -69,7 +69,7 @@ class StallDetector:
 
     def _stall(self, ranks: list[RankStatus], now: float) -> dict:
         # Dead ranks are reported by _dead; here they only explain why the others wait.
-        live = [r for r in ranks if r.status not in ("finished", "errored", "dead")]
+        live = [r for r in ranks if r.status not in ("finished", "errored", "dead", "idle")]
         dead = [r for r in ranks if r.status == "dead"]
         stopped = [r for r in live if r.since_progress >= self.config.stall_after]
         if not stopped:

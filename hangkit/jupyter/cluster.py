@@ -1,0 +1,435 @@
+"""An ipyparallel cluster of MPI engines, watched by a monitor in this kernel.
+
+    cluster = EngineCluster(4).start()        # engine id == MPI rank; fails within a deadline
+    cluster.setup(build_runner, config)        # a StepRunner on every engine
+    task = cluster.steps(10)                   # returns at once; the dashboard follows it
+    cluster.interrupt()                        # SIGINT, stacks, SIGTERM, SIGKILL: each reported
+    cluster.restart(); cluster.close()
+
+Every call that waits on engines has a deadline or returns a handle (RankTasks) at once, so a
+cell never freezes because a rank did (IP-01). The monitor (hangkit.monitor.Monitor) runs in
+this kernel and every engine runs an agent pointed at it, so every later cell is observed.
+
+Locally the engines start through this machine's mpiexec; inside a PBS job, across the job's
+nodes with the PALS flags of hangkit.launcher.mpiexec_command, and the controller and monitor
+listen on `bind` (e.g. "0.0.0.0") so engines on other nodes reach them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hangkit.errors import HangkitError, UsageError
+from hangkit.jupyter import engine_side
+from hangkit.records import Diagnosis, ProbeResult, TreeNode
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 60.0  # seconds for the controller and every engine to register
+CALL_TIMEOUT = 30.0  # seconds for a short call on every engine (info, agent start)
+OUTPUT_LINES = 40  # lines of the engines' own output in a start error
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class ClusterStartError(HangkitError, RuntimeError):
+    """The engines did not start or register in time; the message ends with their output."""
+
+
+class RankTasks:
+    """One task per rank, running on the engines; look at it any time, it never blocks
+    unless asked to with wait(timeout)."""
+
+    def __init__(self, what: str, results: dict[int, Any]):
+        self.what, self.results = what, results
+        self.started = time.monotonic()
+
+    def states(self) -> dict[int, str]:
+        """rank -> "running", "done" or "raised"."""
+        out = {}
+        for rank, ar in self.results.items():
+            if not ar.ready():
+                out[rank] = "running"
+            else:
+                out[rank] = "done" if ar.successful() else "raised"
+        return out
+
+    def done(self) -> bool:
+        return all(ar.ready() for ar in self.results.values())
+
+    def wait(self, timeout: float) -> bool:
+        """Waits until every rank's task ended or `timeout` passed; True if all ended."""
+        deadline = time.monotonic() + timeout
+        for ar in self.results.values():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ar.wait(left)
+        return self.done()
+
+    def values(self) -> dict[int, Any]:
+        """What each finished rank returned."""
+        return {r: ar.get(0) for r, ar in self.results.items()
+                if ar.ready() and ar.successful()}
+
+    def errors(self) -> dict[int, str]:
+        """rank -> the traceback text of what it raised."""
+        out = {}
+        for rank, ar in self.results.items():
+            if ar.ready() and not ar.successful():
+                try:
+                    ar.get(0)
+                except Exception as e:  # ipyparallel's RemoteError carries the engine's text
+                    out[rank] = _remote_traceback(e)
+        return out
+
+    def __repr__(self) -> str:
+        by_state: dict[str, list[int]] = {}
+        for rank, state in sorted(self.states().items()):
+            by_state.setdefault(state, []).append(rank)
+        parts = [f"{_ranks(r)} {s}" for s, r in by_state.items()]
+        return f"<{self.what}: {'; '.join(parts)}; {time.monotonic() - self.started:.0f} s>"
+
+
+def _ranks(ranks: list[int]) -> str:
+    from hangkit.monitor.merge import format_ranks
+
+    return ("rank " if len(ranks) == 1 else "ranks ") + format_ranks(ranks)
+
+
+def _remote_traceback(e: BaseException) -> str:
+    text = getattr(e, "traceback", None) or ""
+    if not text and hasattr(e, "render_traceback"):
+        with contextlib.suppress(Exception):
+            text = "\n".join(e.render_traceback())
+    summary = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
+    text = _ANSI.sub("", text)  # IPython colours the engines' tracebacks
+    return f"{text.rstrip()}\n{summary}" if text else summary
+
+
+class EngineCluster:
+    def __init__(self, n: int = 4, *, start_timeout: float = START_TIMEOUT,
+                 bind: str | None = None, mpiexec: str | None = None,
+                 environ: dict[str, str] | None = None):
+        if n < 1:
+            raise UsageError(f"n must be at least 1 engine, got {n}")
+        if not start_timeout > 0 or math.isinf(start_timeout):
+            raise UsageError(f"start_timeout must be a positive number of seconds, got "
+                             f"{start_timeout}")
+        self.n, self.start_timeout = n, start_timeout
+        self.bind, self.mpiexec = bind, mpiexec
+        self.environ = dict(os.environ if environ is None else environ)
+        self.monitor = None
+        self.client = None
+        self.engines: dict[int, dict] = {}  # rank -> engine_side.info()
+        self._ipp = None
+        self._live = None
+        self.latest: RankTasks | None = None  # the task interrupt() watches
+        self._processes: list = []  # psutil.Process of all the cluster started
+
+    # -- starting and stopping --------------------------------------------------------------
+
+    def start(self) -> EngineCluster:
+        """Starts the controller, n MPI engines and the monitor; installs the agent on every
+        engine. Raises ClusterStartError, with the engines' output, after start_timeout."""
+        from hangkit.monitor.server import Monitor
+
+        self.monitor = Monitor(bind=self.bind or "127.0.0.1")
+        before = {p.pid for p in self._new_children(set())}
+        try:
+            try:
+                self._start_engines()
+            finally:
+                self._processes = self._new_children(before)
+            self._install_agents()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start_engines(self) -> None:
+        import ipyparallel as ipp
+        from traitlets.config import Config
+
+        from hangkit.launcher import find_mpiexec, mpiexec_command
+
+        config = Config()
+        # ipyparallel runs: mpi_cmd -n N mpi_args ipengine ...; inside PBS the args carry
+        # --hostfile and --ppn for Cray PALS (faked by MPICH's hydra here).
+        config.MPILauncher.mpi_cmd = [self.mpiexec or find_mpiexec()]
+        config.MPILauncher.mpi_args = mpiexec_command(self.n, self.environ)[3:]
+        self._ipp = ipp.Cluster(engines="mpi", n=self.n, config=config,
+                                engine_timeout=max(1, math.ceil(self.start_timeout)),
+                                controller_ip=self.bind or "127.0.0.1",
+                                log_level=logging.WARNING)
+        # start_and_connect_sync waits engine_timeout for registration, but starting the
+        # controller has no deadline of its own: the whole start runs in a thread.
+        outcome: dict[str, Any] = {}
+
+        def start() -> None:
+            try:
+                outcome["client"] = self._ipp.start_and_connect_sync()
+            except BaseException as e:
+                outcome["error"] = e
+
+        thread = threading.Thread(target=start, daemon=True, name="hangkit-cluster-start")
+        thread.start()
+        thread.join(self.start_timeout + 10)
+        if "client" in outcome:
+            self.client = outcome["client"]
+            return
+        why = (f"{type(outcome['error']).__name__}: {outcome['error']}"
+               if "error" in outcome else "no answer")
+        raise ClusterStartError(
+            f"{self.n} MPI engines did not start and register within "
+            f"{self.start_timeout:g} s ({why}); their output:\n{self._engine_output()}",
+            hint="run `hangkit doctor --only mpi` in the same environment")
+
+    def _engine_output(self) -> str:
+        lines: list[str] = []
+        for engine_set in list(getattr(self._ipp, "engines", {}).values()):
+            with contextlib.suppress(Exception):
+                lines += (engine_set.get_output() or "").splitlines()
+        lines = [line for line in lines if line.strip()]
+        return "\n".join(lines[-OUTPUT_LINES:]) or "(the engines wrote nothing)"
+
+    def _install_agents(self) -> None:
+        view = self.client[:]
+        infos = view.apply_async(engine_side.info).get(timeout=CALL_TIMEOUT)
+        self.engines = {eid: info for eid, info in zip(view.targets, infos)}
+        wrong = {eid: i["rank"] for eid, i in self.engines.items() if i["rank"] != eid}
+        if wrong:
+            raise ClusterStartError(f"engine ids are not MPI ranks: {wrong}")
+        view.apply_async(engine_side.start_agent, self.monitor.address,
+                         self.monitor.key).get(timeout=CALL_TIMEOUT)
+        deadline = time.monotonic() + CALL_TIMEOUT
+        while len(self.monitor.statuses()) < self.n:  # the agents' first beats
+            if time.monotonic() > deadline:
+                raise ClusterStartError(f"only {len(self.monitor.statuses())} of {self.n} "
+                                        "engines' agents reached the monitor at "
+                                        f"{self.monitor.address}")
+            time.sleep(0.05)  # ok-sleep: polls the monitor against the deadline above
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted(self.engines)
+
+    def close(self) -> None:
+        """Stops the dashboard, the engines, the controller and the monitor; idempotent."""
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+            self.client = None
+        if self._ipp is not None:
+            launched = self._launched()
+            with contextlib.suppress(Exception):
+                self._ipp.stop_cluster_sync()
+            self._kill_leftovers()
+            _end(launched)
+            self._ipp = None
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+
+    def _launched(self, *, controller: bool = True) -> list:
+        """Every process the cluster started (the controller and its schedulers, mpiexec and
+        its proxies, the engines and their nannies), with their children as of now (DataLoader
+        workers). Known by being new children of this process when the cluster started."""
+        import psutil
+
+        found = {}
+        for p in self._processes if controller else _mpiexec_jobs(self._processes):
+            with contextlib.suppress(psutil.Error):
+                if p.is_running():
+                    for q in [p, *p.children(recursive=True)]:
+                        found[q.pid] = q
+        return list(found.values())
+
+    def _new_children(self, before: set[int]) -> list:
+        import psutil
+
+        return [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+
+    def _kill_leftovers(self) -> None:
+        """Engines ipyparallel's stop did not end (a rank stuck in C ignores SIGTERM)."""
+        import psutil
+
+        for info in self.engines.values():
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(info["pid"])
+                for p in [proc, *proc.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
+
+    def __enter__(self) -> EngineCluster:
+        return self.start() if self.client is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def restart(self) -> EngineCluster:
+        """New engines (an MPI job cannot lose one rank and go on); the agents again."""
+        launched = self._launched(controller=False)
+        before = {p.pid for p in self._new_children(set())}
+        self._kill_leftovers()
+        with contextlib.suppress(Exception):
+            self._ipp.stop_engines_sync()
+        _end(launched)
+        # The new engines take the old ones' ids (their ranks): wait until the controller has
+        # let the old ones go, or a view would still hold a dead engine.
+        deadline = time.monotonic() + self.start_timeout
+        while self.client.ids and time.monotonic() < deadline:
+            time.sleep(0.1)  # ok-sleep: polls the controller's registrations, with a deadline
+        with contextlib.suppress(Exception):
+            self.client.close()
+        self.monitor.close()  # a fresh monitor: the old engines' tracks are history
+        from hangkit.monitor.server import Monitor
+
+        self.monitor = Monitor(bind=self.bind or "127.0.0.1")
+        thread_error: dict[str, BaseException] = {}
+
+        def start() -> None:
+            try:
+                self._ipp.start_engines_sync(self.n)
+                self.client = self._ipp.connect_client_sync()
+                self.client.wait_for_engines(self.n, timeout=self.start_timeout)
+            except BaseException as e:
+                thread_error["error"] = e
+
+        thread = threading.Thread(target=start, daemon=True, name="hangkit-cluster-restart")
+        thread.start()
+        thread.join(self.start_timeout + 10)
+        gone = {p.pid for p in launched}
+        self._processes = [p for p in self._processes if p.pid not in gone] + \
+            self._new_children(before)
+        if thread.is_alive() or thread_error:
+            raise ClusterStartError(f"engines did not restart within {self.start_timeout:g} s "
+                                    f"({thread_error.get('error', 'no answer')}); their output:"
+                                    f"\n{self._engine_output()}")
+        self._install_agents()
+        return self
+
+    # -- running on engines -----------------------------------------------------------------
+
+    def apply(self, fn: Callable, *args, what: str | None = None, **kwargs) -> RankTasks:
+        """Runs fn(*args, **kwargs) on every engine; returns at once."""
+        results = {rank: self.client[rank].apply_async(fn, *args, **kwargs)
+                   for rank in self.ranks}
+        self.latest = RankTasks(what or getattr(fn, "__name__", "task"), results)
+        if self._live is not None:  # the dashboard shows what a rank raised
+            self._live.follow(self.latest)
+        return self.latest
+
+    def setup(self, build: Callable, *args, timeout: float = 120.0, **kwargs) -> RankTasks:
+        """Builds a StepRunner on every engine with build(*args, **kwargs); waits up to
+        `timeout` (distributed init is in there) and returns the tasks either way."""
+        tasks = self.apply(engine_side.setup, build, *args, what="setup", **kwargs)
+        tasks.wait(timeout)
+        return tasks
+
+    def steps(self, n: int | None = None) -> RankTasks:
+        """Runs n more training steps on every engine (None: to the end); returns at once."""
+        if n is not None and n < 1:
+            raise UsageError(f"steps must be at least 1, got {n}")
+        return self.apply(engine_side.run_steps, n, what=f"steps({n})")
+
+    def histories(self, timeout: float = CALL_TIMEOUT) -> dict[int, list[dict]]:
+        """Every rank's per-step phase timings (for hangkit.jupyter.plots)."""
+        tasks = self.apply(engine_side.history, what="history")
+        tasks.wait(timeout)
+        return tasks.values()
+
+    def doctor(self, only=None, *, timeout: float = 30.0, path: str = ".") -> RankTasks:
+        """The doctor's probes on n ranks, started from engine 0 (the engines' nodes and
+        environment); returns at once. `doctor_results(task)` gives the ProbeResults."""
+        results = {0: self.client[0].apply_async(engine_side.run_doctor, only, self.n,
+                                                 timeout, path)}
+        return RankTasks("doctor", results)
+
+    # -- looking and stopping ---------------------------------------------------------------
+
+    def stacks(self) -> tuple[TreeNode | None, list[Diagnosis]]:
+        """Every engine's stacks (from its agent; faulthandler or py-spy where it cannot
+        answer) and their DataLoader workers', merged, with the diagnoses."""
+        from hangkit.jupyter.livestacks import capture_engines
+
+        return capture_engines(self)
+
+    def interrupt(self, ranks: list[int] | None = None, *, grace: float = 3.0) -> list[str]:
+        """Escalates on the ranks' engines until their tasks end: SIGINT, a stack dump,
+        SIGTERM, SIGKILL, until the latest task (steps(), setup(), apply()) has ended on
+        them; returns (and logs) one line per step saying what it achieved."""
+        from hangkit.jupyter.escalate import escalate
+
+        return escalate(self, self.ranks if ranks is None else list(ranks), grace=grace)
+
+    def signal(self, sig: int, ranks: list[int]) -> None:
+        """Sends `sig` to the ranks' engine processes: directly when on this host, else
+        through ipyparallel's control channel."""
+        import socket
+
+        here = socket.gethostname()
+        remote = []
+        for rank in ranks:
+            info = self.engines[rank]
+            if info["host"] == here:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(info["pid"], sig)
+            else:
+                remote.append(rank)
+        if remote:
+            self.client.send_signal(signal.Signals(sig).name, targets=remote, block=False)
+
+    # -- the dashboard ------------------------------------------------------------------------
+
+    def dashboard(self, total_steps: int | None = None, *, interval: float = 1.0):
+        """The live dashboard of this cluster, displayed and updated about once a second from
+        a background thread (the kernel stays free)."""
+        from hangkit.jupyter.live import LiveDashboard
+
+        if self._live is not None:
+            self._live.stop()
+        self._live = LiveDashboard(self, total_steps=total_steps, interval=interval)
+        self._live.start()
+        return self._live
+
+
+def _mpiexec_jobs(processes: list) -> list:
+    """The engine sets' launchers among the cluster's processes (their trees: the engines)."""
+    import psutil
+
+    out = []
+    for p in processes:
+        with contextlib.suppress(psutil.Error, IndexError):
+            if os.path.basename(p.cmdline()[0]).startswith("mpiexec"):
+                out.append(p)
+    return out
+
+
+def _end(processes: list, timeout: float = 5.0) -> None:
+    """Waits for these processes to exit, and kills those that do not in time."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+def doctor_results(task: RankTasks, timeout: float = 0) -> list[ProbeResult]:
+    """The ProbeResults of cluster.doctor() (waits up to `timeout` seconds; [] if not done)."""
+    task.wait(timeout)
+    values = task.values()
+    return [ProbeResult.from_json(d) for d in values.get(0, [])]

@@ -1,0 +1,87 @@
+"""What runs inside each MPI engine: module functions the kernel applies by reference.
+
+The engine keeps its training between cells here (one StepRunner per engine), so that a
+notebook can run N steps, look at the dashboard, and run N more. Nothing here imports widgets;
+torch and mpi4py are imported by the user's setup function, not by this module.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+_runner = None  # the StepRunner that setup() built on this engine
+
+
+def info() -> dict:
+    """Who this engine is: its MPI rank (from the launcher's variables), pid and host."""
+    from hangkit.rankenv import rank_from_environ, world_size_from_environ
+
+    env = dict(os.environ)
+    return {"rank": rank_from_environ(env), "size": world_size_from_environ(env),
+            "pid": os.getpid(), "host": socket.gethostname()}
+
+
+def start_agent(address: str, key: str) -> bool:
+    """Starts this engine's agent and reports it idle, so the monitor sees it at once."""
+    from hangkit.agent import start_agent as start
+
+    os.environ["HANGKIT_MONITOR"], os.environ["HANGKIT_MONITOR_KEY"] = address, key
+    started = start(address, key) is not None
+    _idle()
+    return started
+
+
+def setup(fn, *args, **kwargs) -> dict:
+    """Builds this engine's StepRunner with `fn(*args, **kwargs)`; closes the one before."""
+    global _runner
+    if _runner is not None:
+        _runner.close()
+    try:
+        _runner = fn(*args, **kwargs)
+    finally:
+        _idle()
+    return summary()
+
+
+def run_steps(steps: int | None) -> dict:
+    """Runs `steps` more steps (None: to the end) of this engine's runner."""
+    if _runner is None:
+        raise RuntimeError("no training on this engine: call cluster.setup(build_runner) first")
+    try:
+        _runner.run(steps=steps)
+    finally:
+        _idle()
+    return summary()
+
+
+def _idle() -> None:
+    """Between cells an engine waits by intent: the monitor shows it idle, never stalled."""
+    from hangkit.agent import progress
+
+    progress(phase="idle")
+
+
+def summary() -> dict:
+    s = _runner.state
+    return {"step": s.step, "epoch": s.epoch, "finished": s.finished,
+            "failed_epochs": len(s.failed_epochs), "metrics": dict(s.last_metrics)}
+
+
+def history() -> list[dict]:
+    """Per-step phase timings of this engine's runner, oldest first (for the plots)."""
+    return [] if _runner is None else list(_runner.state.history)
+
+
+def run_doctor(only, ranks: int, timeout: float, path: str) -> list[dict]:
+    """The doctor, started from engine 0 so its probe jobs see the engines' environment (the
+    same nodes, variables and modules). The launcher variables of this engine's own MPI job
+    are left out of the probe jobs' environment: a nested mpiexec must start a job of its own."""
+    from hangkit.probes.runner import run_doctor as doctor
+
+    inherited = {k: os.environ.pop(k) for k in list(os.environ)
+                 if k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPIR_", "PALS_"))}
+    try:
+        return [r.to_json() for r in doctor(only, ranks=ranks, timeout=timeout, path=path)]
+    finally:
+        os.environ.update(inherited)
