@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench lab clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,11 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(VENV)/bin/pytest
+	HANGKIT_NONINTERACTIVE= $(VENV)/bin/pytest --nbval-lax notebooks -p no:cacheprovider
+
+# JupyterLab on the notebooks, on this machine (ssh -L 8888:localhost:8888 to reach it).
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --no-browser --ip 127.0.0.1 --port 8888 notebooks
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_watch.py

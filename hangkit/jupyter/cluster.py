@@ -331,11 +331,12 @@ class EngineCluster:
             self._live.follow(self.latest)
         return self.latest
 
-    def setup(self, build: Callable, *args, timeout: float = 120.0, **kwargs) -> RankTasks:
+    def setup(self, build: Callable, *args, setup_timeout: float = 120.0,
+              **kwargs) -> RankTasks:
         """Builds a StepRunner on every engine with build(*args, **kwargs); waits up to
-        `timeout` (distributed init is in there) and returns the tasks either way."""
+        `setup_timeout` (distributed init is in there) and returns the tasks either way."""
         tasks = self.apply(engine_side.setup, build, *args, what="setup", **kwargs)
-        tasks.wait(timeout)
+        tasks.wait(setup_timeout)
         return tasks
 
     def steps(self, n: int | None = None) -> RankTasks:

@@ -211,6 +211,7 @@ class Dashboard:
             widgets.HBox([self.capture_button, self._stacks_note]),
             widgets.HBox([self._tree, self._diagnoses]),
         ])
+        self.widget.add_class("hangkit-dashboard")  # for browser tests and styling
         self._render_events()
         self._render_errors()
         self._render_stacks()
