@@ -21,7 +21,7 @@ from hangkit.monitor.watch import HANG_EXIT, WatchOptions, say, watch
 WANDERING_RANK = 2
 
 
-def run_demo(*, ranks: int = 4, timeout: float = 6.0) -> int:
+def run_demo(*, ranks: int = 4, timeout: float = 10.0) -> int:
     try:
         import torch  # noqa: F401
     except ImportError:
