@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench lab clean
+.PHONY: demo test lint docs bench lab clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,9 +17,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) lint
+# The documentation, with warnings as errors; the CLI reference is generated from the parser.
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs build/docs
+
+test: $(STAMP) lint docs
 	$(VENV)/bin/pytest
-	HANGKIT_NONINTERACTIVE= $(VENV)/bin/pytest --nbval-lax notebooks -p no:cacheprovider
+	HANGKIT_NONINTERACTIVE= $(VENV)/bin/pytest --nbval-lax --nbval-cell-timeout=300 notebooks -p no:cacheprovider
 
 # JupyterLab on the notebooks, on this machine (ssh -L 8888:localhost:8888 to reach it).
 lab: $(STAMP)

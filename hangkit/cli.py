@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: a 4-rank training run where rank 2 wanders "
                        "off, caught by hangkit watch")
     d.add_argument("--ranks", type=int, default=4, help="MPI ranks to start (default: 4)")
-    d.add_argument("--timeout", type=_seconds, default=6.0, metavar="S",
-                   help="watch's timeout for the demo (default: 6)")
+    d.add_argument("--timeout", type=_seconds, default=10.0, metavar="S",
+                   help="watch's timeout for the demo (default: 10)")
     return parser
 
 

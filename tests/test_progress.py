@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -84,11 +87,17 @@ def test_desync_is_located_by_sequence_numbers(run_watch, launcher, name, case, 
     assert_all_gone([p["pid"] for p in report["processes"]])
 
 
-def test_rank_killed_with_sigkill_is_dead_while_the_others_wait(run_watch):
+def test_rank_killed_with_sigkill_is_dead_while_the_others_wait(run_watch, tmp_path):
+    tmp = Path(tempfile.mkdtemp(prefix="hk-"))  # short: the watcher keeps it as TMPDIR
     run = run_watch([*program("launch_ranks.py"), "3", *program("store_dead_rank.py")],
                     options=["--timeout", "60", "--progress-timeout", "3", "--grace", "1"],
-                    env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())},
+                    env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                         "TMPDIR": str(tmp)},
                     timeout=120)
+    # The killed rank's faulthandler dump file is removed (its agent never could).
+    left = sorted(p.name for p in tmp.glob("hangkit-stacks-*"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    assert left == []
     report = progress_report(run)
     assert rank(report, 1)["status"] == "dead"
     assert [rank(report, r)["status"] for r in (0, 2)] == ["stalled", "stalled"]

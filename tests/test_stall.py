@@ -417,3 +417,18 @@ def test_median_of_the_others_matches_the_plain_median():
         values = sorted(rng.choice([0.0, 1.0, 2.0, rng.random()]) for _ in range(count))
         i = rng.randrange(len(values))
         assert _median_without(values, i) == statistics.median(values[:i] + values[i + 1:])
+
+
+def test_idle_ranks_are_never_stalled_and_do_not_hide_a_stall_of_the_others():
+    # MPI engines between notebook cells report phase "idle": waiting by intent.
+    job = Job(stall_after=5.0)
+    for r in job.ranks:
+        r.progress(0.0, step=3, phase="idle")
+    assert of_kind(job.run(0, 30), *HANGS) == []
+    assert set(job.status(30).values()) == {"idle"}
+    # Two ranks go back to work and stop outside any collective: they are the stall.
+    for i in (0, 1):
+        job.ranks[i].progress(31.0, step=4, phase="forward")
+    events = of_kind(job.run(31, 40), *HANGS)
+    assert [e.ranks for e in events] == [[0, 1]]
+    assert job.status(40) == {0: "stalled", 1: "stalled", 2: "idle", 3: "idle"}

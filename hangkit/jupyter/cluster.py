@@ -323,7 +323,7 @@ class EngineCluster:
     # -- running on engines -----------------------------------------------------------------
 
     def apply(self, fn: Callable, *args, what: str | None = None, **kwargs) -> RankTasks:
-        """Runs fn(*args, **kwargs) on every engine; returns at once."""
+        """Runs ``fn(*args, **kwargs)`` on every engine; returns at once."""
         results = {rank: self.client[rank].apply_async(fn, *args, **kwargs)
                    for rank in self.ranks}
         self.latest = RankTasks(what or getattr(fn, "__name__", "task"), results)
@@ -333,7 +333,7 @@ class EngineCluster:
 
     def setup(self, build: Callable, *args, setup_timeout: float = 120.0,
               **kwargs) -> RankTasks:
-        """Builds a StepRunner on every engine with build(*args, **kwargs); waits up to
+        """Builds a StepRunner on every engine with ``build(*args, **kwargs)``; waits up to
         `setup_timeout` (distributed init is in there) and returns the tasks either way."""
         tasks = self.apply(engine_side.setup, build, *args, what="setup", **kwargs)
         tasks.wait(setup_timeout)

@@ -1,8 +1,10 @@
 """Plots of per-step timing and of the doctor's results: matplotlib Figures built with the
 object-oriented API, so they need no pyplot state and work under Agg (and in CI).
 
-The step runner publishes each rank's history as `histories[rank]`, a list of
+The step runner publishes each rank's history as `histories[rank]`, a list of::
+
     {"step": int, "epoch": int, "start": time.time(), "phases": {phase: seconds}}
+
 where a step's time is the sum of its phases. Empty input gives a figure saying "no data".
 """
 

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import socket
 import threading
 import time
@@ -145,6 +146,7 @@ class Monitor:
         self._thread.join(timeout)
         if not self._thread.is_alive():
             self._ctx.destroy(linger=0)
+        self._remove_dead_ranks_dump_files()
 
     def __enter__(self) -> Monitor:
         return self
@@ -226,12 +228,29 @@ class Monitor:
 
     def _check_liveness(self) -> None:
         with self.lock:
-            local = [(t.key, t.beat.pid) for t in self.collector.tracks.values()
+            local = [(t.key, t.beat.pid, t.beat.dump_file) for t in self.collector.tracks.values()
                      if t.beat.host == self.host and not (t.finished or t.gone)]
-        for key, pid in local:
+        for key, pid, dump_file in local:
             if not _alive(pid):
                 with self.lock:
                     self.collector.mark_gone(key)
+                _remove_dump_file(dump_file)
+
+    def _remove_dead_ranks_dump_files(self) -> None:
+        with self.lock:
+            local = [(t.beat.pid, t.beat.dump_file) for t in self.collector.tracks.values()
+                     if t.beat.host == self.host]
+        for pid, dump_file in local:
+            if not _alive(pid):
+                _remove_dump_file(dump_file)
+
+
+def _remove_dump_file(path: str | None) -> None:
+    """A rank's faulthandler dump file (agent.threadstacks.FaultDump): its agent removes it
+    at a normal exit; for a rank that was killed, the monitor does."""
+    if path and os.path.basename(path).startswith("hangkit-stacks-"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _alive(pid: int) -> bool:

@@ -382,7 +382,7 @@ def mpi_barrier(comm, *, timeout: float = 300.0) -> None:
 # -- error isolation ----------------------------------------------------------------------
 
 class ErrorFlag:
-    """Tells every rank, at each step boundary, whether any rank failed (TD-04).
+    """Tells every rank, at each step boundary, whether any rank failed (TD-04)::
 
         flag = ErrorFlag()
         for step, batch in enumerate(loader):
