@@ -82,6 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--json", type=Path, default=None, metavar="FILE",
                      help="also write the results as JSON")
 
+    pol = sub.add_parser("polaris", help="ALCF Polaris helpers: PBS job scripts")
+    pol_sub = pol.add_subparsers(dest="polaris_command", metavar="COMMAND", parser_class=_Parser)
+    job = pol_sub.add_parser("job", help="write (and submit) a PBS job script that runs the "
+                             "training under hangkit watch", description="Write the PBS job "
+                             "script for a training command: PBS directives, modules, the "
+                             "hang-safe environment, mpiexec with CPU binding, a per-rank GPU "
+                             "wrapper, MASTER_ADDR, and the training under hangkit watch.")
+    from hangkit.polaris.jobscript import add_arguments as add_job_arguments
+
+    add_job_arguments(job)
+
+    rep = sub.add_parser("report", help="gather a support bundle: doctor results, hang report, "
+                         "output tail, job configuration, versions (secrets redacted)")
+    from hangkit.bundle import add_arguments as add_report_arguments
+
+    add_report_arguments(rep)
+
     d = sub.add_parser("demo", help="the main job: a 4-rank training run where rank 2 wanders "
                        "off, caught by hangkit watch")
     d.add_argument("--ranks", type=int, default=4, help="MPI ranks to start (default: 4)")
@@ -139,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
             return _doctor(args)
         if args.command_name == "demo":
             return _demo(args)
+        if args.command_name == "polaris" and args.polaris_command == "job":
+            from hangkit.polaris.jobscript import run as run_job
+
+            return run_job(args)
+        if args.command_name == "report":
+            from hangkit.bundle import run as run_report
+
+            return run_report(args)
         build_parser().print_help(sys.stderr)
         return 2
     except HangkitError as e:

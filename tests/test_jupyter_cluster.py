@@ -138,3 +138,20 @@ def test_bad_settings_are_named(kwargs, words):
     with pytest.raises(Exception) as caught:
         EngineCluster(**kwargs)
     assert words in str(caught.value)
+
+
+def test_inside_a_pbs_job_engines_take_the_job_flags_and_listen_where_nodes_reach(
+        tmp_path, monkeypatch):
+    # PBS and PALS cannot run here: a PBS_NODEFILE naming this host stands in for the job, and
+    # MPICH's hydra takes the same --hostfile/--ppn flags PALS does.
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("localhost\n")
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    environ = {**os.environ, "PBS_NODEFILE": str(nodefile), "PBS_JOBID": "123.fake-pbs"}
+    with EngineCluster(2, bind="0.0.0.0", environ=environ) as cluster:
+        assert cluster._ipp.config.MPILauncher.mpi_args == ["--hostfile", str(nodefile),
+                                                             "--ppn", "2"]
+        # The agents reached the monitor at the advertised host name, not at 127.0.0.1.
+        assert not cluster.monitor.address.startswith("tcp://127.0.0.1:")
+        assert [s.rank for s in cluster.monitor.statuses()] == [0, 1]
+        assert cluster.apply(os.getpid).wait(30)
