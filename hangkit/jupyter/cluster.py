@@ -143,12 +143,12 @@ class EngineCluster:
         from hangkit.monitor.server import Monitor
 
         self.monitor = Monitor(bind=self.bind or "127.0.0.1")
-        before = {p.pid for p in self._new_children(set())}
+        before = {p.pid for p in _new_children(set())}
         try:
             try:
                 self._start_engines()
             finally:
-                self._processes = self._new_children(before)
+                self._processes = _new_children(before)
             self._install_agents()
         except BaseException:
             self.close()
@@ -171,27 +171,31 @@ class EngineCluster:
                                 controller_ip=self.bind or "127.0.0.1",
                                 log_level=logging.WARNING)
         # start_and_connect_sync waits engine_timeout for registration, but starting the
-        # controller has no deadline of its own: the whole start runs in a thread.
+        # controller has no deadline of its own.
+        self.client = self._within_deadline(
+            self._ipp.start_and_connect_sync,
+            f"{self.n} MPI engines did not start and register within {self.start_timeout:g} s")
+
+    def _within_deadline(self, start: Callable, failure: str):
+        """start() in a thread, given start_timeout (and 10 s more for ipyparallel's own
+        teardown of a failed try); ClusterStartError with the engines' output otherwise."""
         outcome: dict[str, Any] = {}
 
-        def start() -> None:
+        def run() -> None:
             try:
-                outcome["client"] = self._ipp.start_and_connect_sync()
+                outcome["value"] = start()
             except BaseException as e:
                 outcome["error"] = e
 
-        thread = threading.Thread(target=start, daemon=True, name="hangkit-cluster-start")
+        thread = threading.Thread(target=run, daemon=True, name="hangkit-cluster-start")
         thread.start()
         thread.join(self.start_timeout + 10)
-        if "client" in outcome:
-            self.client = outcome["client"]
-            return
+        if "value" in outcome:
+            return outcome["value"]
         why = (f"{type(outcome['error']).__name__}: {outcome['error']}"
                if "error" in outcome else "no answer")
-        raise ClusterStartError(
-            f"{self.n} MPI engines did not start and register within "
-            f"{self.start_timeout:g} s ({why}); their output:\n{self._engine_output()}",
-            hint="run `hangkit doctor --only mpi` in the same environment")
+        raise ClusterStartError(f"{failure} ({why}); their output:\n{self._engine_output()}",
+                                hint="run `hangkit doctor --only mpi` in the same environment")
 
     def _engine_output(self) -> str:
         lines: list[str] = []
@@ -233,36 +237,31 @@ class EngineCluster:
             self.client = None
         if self._ipp is not None:
             launched = self._launched()
+            self._kill_engines()  # first: a rank stuck in C ignores the SIGTERM of stop
             with contextlib.suppress(Exception):
                 self._ipp.stop_cluster_sync()
-            self._kill_leftovers()
             _end(launched)
             self._ipp = None
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
 
-    def _launched(self, *, controller: bool = True) -> list:
+    def _launched(self) -> list:
         """Every process the cluster started (the controller and its schedulers, mpiexec and
         its proxies, the engines and their nannies), with their children as of now (DataLoader
         workers). Known by being new children of this process when the cluster started."""
         import psutil
 
         found = {}
-        for p in self._processes if controller else _mpiexec_jobs(self._processes):
+        for p in self._processes:
             with contextlib.suppress(psutil.Error):
                 if p.is_running():
                     for q in [p, *p.children(recursive=True)]:
                         found[q.pid] = q
         return list(found.values())
 
-    def _new_children(self, before: set[int]) -> list:
-        import psutil
-
-        return [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
-
-    def _kill_leftovers(self) -> None:
-        """Engines ipyparallel's stop did not end (a rank stuck in C ignores SIGTERM)."""
+    def _kill_engines(self) -> None:
+        """The engines and their children (DataLoader workers), at once."""
         import psutil
 
         for info in self.engines.values():
@@ -279,45 +278,14 @@ class EngineCluster:
         self.close()
 
     def restart(self) -> EngineCluster:
-        """New engines (an MPI job cannot lose one rank and go on); the agents again."""
-        launched = self._launched(controller=False)
-        before = {p.pid for p in self._new_children(set())}
-        self._kill_leftovers()
-        with contextlib.suppress(Exception):
-            self._ipp.stop_engines_sync()
-        _end(launched)
-        # The new engines take the old ones' ids (their ranks): wait until the controller has
-        # let the old ones go, or a view would still hold a dead engine.
-        deadline = time.monotonic() + self.start_timeout
-        while self.client.ids and time.monotonic() < deadline:
-            time.sleep(0.1)  # ok-sleep: polls the controller's registrations, with a deadline
-        with contextlib.suppress(Exception):
-            self.client.close()
-        self.monitor.close()  # a fresh monitor: the old engines' tracks are history
-        from hangkit.monitor.server import Monitor
-
-        self.monitor = Monitor(bind=self.bind or "127.0.0.1")
-        thread_error: dict[str, BaseException] = {}
-
-        def start() -> None:
-            try:
-                self._ipp.start_engines_sync(self.n)
-                self.client = self._ipp.connect_client_sync()
-                self.client.wait_for_engines(self.n, timeout=self.start_timeout)
-            except BaseException as e:
-                thread_error["error"] = e
-
-        thread = threading.Thread(target=start, daemon=True, name="hangkit-cluster-restart")
-        thread.start()
-        thread.join(self.start_timeout + 10)
-        gone = {p.pid for p in launched}
-        self._processes = [p for p in self._processes if p.pid not in gone] + \
-            self._new_children(before)
-        if thread.is_alive() or thread_error:
-            raise ClusterStartError(f"engines did not restart within {self.start_timeout:g} s "
-                                    f"({thread_error.get('error', 'no answer')}); their output:"
-                                    f"\n{self._engine_output()}")
-        self._install_agents()
+        """New controller and engines (an MPI job cannot lose one rank and go on), the agents
+        again; the live dashboard stays. A new controller is quicker than waiting for the old
+        one to notice, by missed heartbeats, that its engines are gone."""
+        live, self._live = self._live, None
+        self.close()
+        self.latest = None
+        self.start()
+        self._live = live
         return self
 
     # -- running on engines -----------------------------------------------------------------
@@ -406,16 +374,11 @@ class EngineCluster:
         return self._live
 
 
-def _mpiexec_jobs(processes: list) -> list:
-    """The engine sets' launchers among the cluster's processes (their trees: the engines)."""
+def _new_children(before: set[int]) -> list:
+    """This process's descendants that were not there `before` (pids)."""
     import psutil
 
-    out = []
-    for p in processes:
-        with contextlib.suppress(psutil.Error, IndexError):
-            if os.path.basename(p.cmdline()[0]).startswith("mpiexec"):
-                out.append(p)
-    return out
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
 
 
 def _end(processes: list, timeout: float = 5.0) -> None:
