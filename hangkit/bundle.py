@@ -331,24 +331,23 @@ def _positive_int(text: str | None) -> int | None:
     return value if value > 0 else None
 
 
+def _first_positive(environ: Mapping[str, str], names) -> tuple[int | None, str | None]:
+    """The first of these variables that holds a positive whole number, and its name."""
+    for name in names:
+        value = _positive_int(environ.get(name))
+        if value is not None:
+            return value, name
+    return None, None
+
+
 def job_config(environ: Mapping[str, str], nodes: list[str], lines_per_host: dict[str, int],
                *, cwd: str, host: str, now: float) -> dict:
     """The job as the scheduler and the job script describe it. Ranks per node come from the
     first of NRANKS_PER_NODE, RANKS_PER_NODE, PPN, PALS_LOCAL_SIZE, MPI_LOCALNRANKS,
     LOCAL_WORLD_SIZE; else from PBS_NODEFILE repeating every host alike (mpiprocs > 1); else
     from a total (NTOTRANKS, NRANKS, PALS_SIZE, PMI_SIZE, WORLD_SIZE) over the nodes."""
-    per_node = per_node_from = None
-    for name in _PER_NODE_NAMES:
-        per_node = _positive_int(environ.get(name))
-        if per_node is not None:
-            per_node_from = name
-            break
-    total = total_from = None
-    for name in _TOTAL_NAMES:
-        total = _positive_int(environ.get(name))
-        if total is not None:
-            total_from = name
-            break
+    per_node, per_node_from = _first_positive(environ, _PER_NODE_NAMES)
+    total, total_from = _first_positive(environ, _TOTAL_NAMES)
     repeats = set(lines_per_host.values())
     if per_node is None and len(repeats) == 1 and min(repeats) > 1:
         per_node, per_node_from = min(repeats), "PBS_NODEFILE (lines per host)"
@@ -644,31 +643,11 @@ def run(args) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but bad usage raises UsageError so main() reports it in one line, exit 2."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hangkit report", description="Gather what is asked for when a hang "
-                     "persists (job configuration, versions, environment with secrets hidden, "
-                     "the latest doctor results and hang report, the output's last lines) into "
-                     "one .tar.gz, readable only by you. Exit 0: written; 1: it could not be "
-                     "written; 2: bad usage.")
-    add_arguments(parser)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(build_parser().parse_args(argv))
-    except HangkitError as e:
-        print(f"hangkit: error: {e.one_line()}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
+    """`python -m hangkit.bundle`: the same as the hangkit subcommand."""
+    from hangkit.cli import main as hangkit_main
+
+    return hangkit_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

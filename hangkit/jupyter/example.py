@@ -1,7 +1,7 @@
 """The notebooks' training: a small DDP model on synthetic data, built from hangkit.training.
 
 `build_runner` runs on every engine (cluster.setup(build_runner, ...)); it returns the
-StepRunner the notebook then drives cell by cell. `hang_*` functions produce catalogue hangs on
+StepRunner the notebook then drives cell by cell. `hang_raise_then_barrier` produces IP-01 on
 purpose on the engines, for notebook 03.
 """
 
@@ -11,7 +11,7 @@ import os
 import threading
 
 
-class _Slow:
+class _StuckAt:
     """A dataset wrapper: one rank's worker blocks forever on one sample (DL-01), on purpose."""
 
     def __init__(self, dataset, stuck_index: int | None):
@@ -40,10 +40,10 @@ def build_runner(master_port: int, *, epochs: int = 2, samples: int = 512, batch
         init_distributed,
         safe_dataloader,
     )
-    from hangkit.training.distributed import _state
+    from hangkit.training.distributed import get_store
 
     torch.manual_seed(seed)
-    if not _state.get("store"):  # once per engine process: a process group lives as long
+    if get_store() is None:  # once per engine process: a process group lives as long
         init_distributed("gloo", timeout=timeout, master_addr=os.environ.get(
             "HANGKIT_MASTER_ADDR", "127.0.0.1"), master_port=master_port)
     rank = torch.distributed.get_rank()
@@ -54,12 +54,12 @@ def build_runner(master_port: int, *, epochs: int = 2, samples: int = 512, batch
     dataset = TensorDataset(inputs, labels)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, drop_last=True)
     stuck = next(iter(sampler)) if stuck_worker_rank == rank else None
-    slow = _Slow(dataset, None)
-    loader = safe_dataloader(slow, batch_size=batch_size, sampler=sampler,
+    stuck_at = _StuckAt(dataset, None)
+    loader = safe_dataloader(stuck_at, batch_size=batch_size, sampler=sampler,
                              num_workers=num_workers, drop_last=True, timeout=timeout,
                              test_timeout=timeout)
     if stuck is not None:  # after the test batch: the hang comes in training, not before
-        slow.stuck_index = stuck  # workers fork per epoch, and inherit it
+        stuck_at.stuck_index = stuck  # workers fork per epoch, and inherit it
     check_even_batches(len(loader), timeout=timeout)
     model = DistributedDataParallel(torch.nn.Sequential(
         torch.nn.Linear(16, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 4)))
@@ -93,15 +93,3 @@ def hang_raise_then_barrier(bad_rank: int) -> str:
     comm.Barrier()
     return "passed the barrier"
 
-
-def hang_desync(odd_rank: int) -> str:
-    """MP-02: rank `odd_rank` calls Bcast while the others call Barrier (both counted)."""
-    import hangkit
-
-    comm = hangkit.instrument(__import__("mpi4py.MPI", fromlist=["MPI"]).COMM_WORLD)
-    hangkit.progress(phase="collectives")
-    if comm.Get_rank() == odd_rank:
-        comm.bcast(None, root=0)
-    else:
-        comm.Barrier()
-    return "passed"

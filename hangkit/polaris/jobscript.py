@@ -17,7 +17,6 @@ Exit codes: 0 written (and submitted), 1 qsub failed or did not answer, 2 bad us
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import re
@@ -364,35 +363,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but bad usage raises UsageError so main() reports it in one line, exit 2."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hangkit polaris job",
-                     description="Write the PBS job script that runs COMMAND on Polaris under "
-                     "hangkit watch, with the hang-safe environment and one GPU per rank; "
-                     "optionally submit it. Exit 0: written (and submitted); 1: qsub failed; "
-                     "2: bad usage.")
-    add_arguments(parser)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(build_parser().parse_args(argv))
-    except HangkitError as e:
-        print(f"hangkit: error: {e.one_line()}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # `hangkit polaris job ... | head`: the reader left; say no more
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+    """`python -m hangkit.polaris.jobscript`: the same as the hangkit subcommand."""
+    from hangkit.cli import main as hangkit_main
+
+    return hangkit_main(["polaris", "job", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
