@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 import psutil
-from benchrun import MARKER, MARKER_VALUE, marked_processes, print_summary
+from benchrun import MARKER, MARKER_VALUE, marked_processes, measure_all, print_summary
 
 from hangkit.agent import current_agent, progress, start_agent, stop_agent
 from hangkit.monitor.merge import groups, merged_tree
@@ -354,24 +354,12 @@ def main() -> int:
         ns = progress_ns()
         print(ns, "none" if current_agent() is None else "STARTED")
         return 0
-    results: list[tuple[str, bool]] = []
     started = time.monotonic()
     # Wall-clock figures suffer when other processes want this small machine's cores.
     print(f"load average over the last minute: {os.getloadavg()[0]:.2f} on "
           f"{os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="hk-bench-agent-") as tmp:
-        try:
-            for title, measure in FIGURES:
-                print(f"\n{title}")
-                try:
-                    lines = measure(Path(tmp))
-                except Exception as e:  # report and go on to the next figure
-                    lines = [(False, f"{title}: FAILED to measure: {e!r}")]
-                for met, line in lines:
-                    print(line)
-                    results.append((line, met))
-        finally:
-            end_all()
+        results = measure_all(FIGURES, Path(tmp), end=end_all)
     print_summary(results, started)
     return 0
 

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import psutil
-from benchrun import MARKER, MARKER_VALUE, marked_processes, print_summary
+from benchrun import MARKER, MARKER_VALUE, marked_processes, measure_all, print_summary
 
 HERE = Path(__file__).resolve().parent
 PROGRAMS = HERE / "programs"
@@ -318,21 +318,9 @@ FIGURES = [
 
 
 def main() -> int:
-    results: list[tuple[str, bool]] = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="hk-bench-") as tmp:
-        workdir = Path(tmp)
-        try:
-            for title, measure in FIGURES:
-                print(f"\n{title}")
-                try:
-                    met, line = measure(workdir)
-                except Exception as e:  # report and go on to the next figure
-                    met, line = False, f"{title}: FAILED to measure: {e}"
-                print(line)
-                results.append((line, met))
-        finally:
-            kill_all()
+        results = measure_all(FIGURES, Path(tmp), end=kill_all)
     print_summary(results, started)
     return 0
 

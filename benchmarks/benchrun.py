@@ -1,5 +1,5 @@
 """What the benchmarks share: the marker every process they start inherits (so none can be
-left behind unseen), finding those processes, and the closing summary of figures."""
+left behind unseen), finding those processes, running the figures, and the closing summary."""
 
 from __future__ import annotations
 
@@ -22,6 +22,27 @@ def marked_processes() -> list[psutil.Process]:
                     and proc.environ().get(MARKER) == MARKER_VALUE):
                 found.append(proc)
     return found
+
+
+def measure_all(figures, workdir, *, end) -> list[tuple[str, bool]]:
+    """Runs each (title, measure) figure: measure(workdir) gives (met, line) or a list of them.
+    A figure that fails is reported and the next one runs; end() runs whatever happens.
+    Returns (line, met) for the summary."""
+    results = []
+    try:
+        for title, measure in figures:
+            print(f"\n{title}")
+            try:
+                found = measure(workdir)
+                lines = found if isinstance(found, list) else [found]
+            except Exception as e:  # report and go on to the next figure
+                lines = [(False, f"{title}: FAILED to measure: {e!r}")]
+            for met, line in lines:
+                print(line)
+                results.append((line, met))
+    finally:
+        end()
+    return results
 
 
 def print_summary(results: list[tuple[str, bool]], started: float) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from hangkit.errors import HangkitError, UsageError
-from hangkit.redact import REDACTED, SECRET_WORDS, is_secret_name, redact_environ
+from hangkit.redact import REDACTED, SECRET_WORDS, is_secret_name, redact_environ, redact_text
 
 CHILD_TIMEOUT = 20.0  # seconds for each child (torch, mpi4py) and for each file read
 REAP_SECONDS = 10.0  # beyond a child's deadline: run_python kills its session and reaps it
@@ -111,41 +111,6 @@ os._exit(0)
 
 
 # --- redaction ------------------------------------------------------------------------------
-
-_WORDS = "|".join(re.escape(w) for w in SECRET_WORDS)
-_NAME = r"[A-Za-z0-9_.-]*(?:" + _WORDS + r")[A-Za-z0-9_.-]*"
-_VALUE = r"\"(?:[^\"\\\n]|\\.)*\"|'[^'\n]*'|\S+"
-# NAME=value, NAME: value, "NAME": "value", 'name' = 'value'
-_ASSIGNMENT = re.compile(r"(?P<name>" + _NAME + r")(?P<quote>[\"']?)(?P<sep>[ \t]*[=:][ \t]*)"
-                         r"(?P<value>" + _VALUE + r")", re.IGNORECASE)
-# --api-key VALUE (the `--api-key=VALUE` form is an assignment above)
-_OPTION = re.compile(r"(?<![\w-])(?P<name>--?" + _NAME + r")(?P<sep>[ \t]+)(?P<value>(?!-)\S+)",
-                     re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^\s/:@]+:)[^\s/@]+(?=@)",
-                           re.IGNORECASE)
-_BEARER = re.compile(r"(?P<head>\bBearer[ \t]+)[A-Za-z0-9._~+/=-]{8,}")
-# Names that look secret but are exception classes (`KeyError: 'lr'` must stay readable).
-_NOT_SECRET = re.compile(r"(Error|Exception|Warning|Interrupt)$")
-
-
-def redact_text(text: str) -> str:
-    """Hides secrets in free text: the value of `NAME=value`, `NAME: value` (quoted or not, as
-    in shell, YAML, JSON and Python reprs) and `--name value` where NAME contains KEY, TOKEN,
-    SECRET or PASSWORD in any case; the password of `scheme://user:password@host`; and
-    `Bearer TOKEN`. Errs on hiding too much: `tokens: 1024` loses its number."""
-
-    def assignment(m: re.Match) -> str:
-        if _NOT_SECRET.search(m["name"]):
-            return m[0]
-        value = m["value"]
-        quote = value[0] if value[0] in "\"'" and len(value) > 1 and value[-1] == value[0] else ""
-        return m["name"] + m["quote"] + m["sep"] + quote + REDACTED + quote
-
-    text = _ASSIGNMENT.sub(assignment, text)
-    text = _OPTION.sub(lambda m: m["name"] + m["sep"] + REDACTED, text)
-    text = _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED, text)
-    return _BEARER.sub(lambda m: m["head"] + REDACTED, text)
-
 
 def _redact_json(value: Any) -> Any:
     """Strings redacted as text; the value of a key named like a secret hidden whole."""

@@ -176,7 +176,7 @@ def _wait_ready(server: LabServer, deadline: float) -> bool:
             return True
         except (OSError, ValueError) as e:  # URLError, refused connection, HTTP 5xx, half-JSON
             last = f"{type(e).__name__}: {e}"
-        time.sleep(_POLL)
+        time.sleep(_POLL)  # ok-sleep: polls /api/status, with a deadline
     raise LabTimeout(
         f"jupyter lab (pid {server.pid}, port {server.port}) did not answer /api/status in time;"
         f" last: {last}\n--- server output ---\n{server.output_tail()}")
@@ -264,6 +264,18 @@ def jupyter_lab(root: Path, *, timeout: float = 60) -> Iterator[LabServer]:
 
 def have_chromium() -> bool:
     return CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)
+
+
+def lab_root(tmp_path: Path) -> Path:
+    """A fresh root for the lab under tmp_path. Skips the test, saying why, only where
+    Chromium is not installed (.ci/run installs it)."""
+    import pytest
+
+    if not have_chromium():
+        pytest.skip("Chromium not installed: apt-get install chromium")
+    root = tmp_path / "lab"
+    root.mkdir()
+    return root
 
 
 @contextlib.contextmanager

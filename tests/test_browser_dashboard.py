@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from browser import chromium, have_chromium, jupyter_lab, run_notebook_in_lab, save_screenshot
+from browser import chromium, jupyter_lab, lab_root, run_notebook_in_lab, save_screenshot
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "02_step_through_training.ipynb"
 SCREENSHOT_DIR = Path(__file__).parent.parent / "build" / "screenshots"
@@ -16,10 +16,7 @@ SCREENSHOT_DIR = Path(__file__).parent.parent / "build" / "screenshots"
 
 @pytest.mark.timeout(420)
 def test_step_through_training_dashboard_shows_every_rank_advancing(tmp_path):
-    if not have_chromium():
-        pytest.skip("Chromium not installed: apt-get install chromium")
-    root = tmp_path / "lab"
-    root.mkdir()
+    root = lab_root(tmp_path)
     shutil.copy(NOTEBOOK, root / NOTEBOOK.name)
     with jupyter_lab(root, timeout=90) as server, chromium() as page:
         run_notebook_in_lab(page, server, NOTEBOOK.name, timeout=360,

@@ -7,7 +7,7 @@ import time
 import nbformat
 import psutil
 import pytest
-from browser import chromium, have_chromium, jupyter_lab, run_notebook_in_lab, save_screenshot
+from browser import chromium, jupyter_lab, lab_root, run_notebook_in_lab, save_screenshot
 
 MARKER = "hangkit-harness-marker-7f3a"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -46,10 +46,7 @@ def alive(proc: psutil.Process) -> bool:
 
 @pytest.mark.timeout(240)
 def test_lab_renders_progress_widgets(tmp_path):
-    if not have_chromium():
-        pytest.skip("Chromium not installed: apt-get install chromium")
-    root = tmp_path / "lab"
-    root.mkdir()
+    root = lab_root(tmp_path)
     write_notebook(root / "bars.ipynb")
     shot = tmp_path / "lab.png"
     started = time.monotonic()

@@ -32,11 +32,10 @@ from hangkit.bundle import (
     job_config,
     main,
     redact_member,
-    redact_text,
     secret_values,
     tail_lines,
 )
-from hangkit.redact import REDACTED
+from hangkit.redact import REDACTED, redact_text
 
 SECRETS = {"WANDB_API_KEY": "wandb-7f3a9c1e5b2d", "MY_SECRET_TOKEN": "tok-Q8v2LmZr4xNp",
            "DB_PASSWORD": "pw-Hx93kTq0saVv"}

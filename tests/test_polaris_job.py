@@ -325,7 +325,7 @@ def test_sigterm_to_the_job_ends_every_rank_and_removes_tmpdir(tmp_path, capsys)
         while len(ranks := rank_records(tmp_path)) < 2:  # each rank's record: it is hung now
             assert job.poll() is None, job.communicate()
             assert time.monotonic() < deadline, f"ranks ready: {ranks}"
-            time.sleep(0.05)
+            time.sleep(0.05)  # ok-sleep: polls for the ranks' records, with a deadline
         os.killpg(job.pid, signal.SIGTERM)
         out, err = job.communicate(timeout=60)
     finally:

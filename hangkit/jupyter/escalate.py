@@ -14,6 +14,7 @@ import time
 
 from hangkit.jupyter.livestacks import capture_engines, innermost
 from hangkit.monitor.merge import format_ranks
+from hangkit.monitor.server import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -24,26 +25,18 @@ def _who(ranks) -> str:
 
 
 def _running(cluster, ranks: list[int]) -> list[int]:
-    """The ranks whose latest task is still running and whose engine is still alive."""
-    import psutil
-
+    """The ranks whose latest task is still running and whose engine is still alive (an
+    engine that exited stays a zombie until its MPI launcher reaps it: not alive)."""
     tasks = cluster.latest
     states = tasks.states() if tasks is not None else {}
     out = []
     for r in ranks:
         info = cluster.engines[r]
-        if info["host"] == cluster.monitor.host and not _alive(psutil, info["pid"]):
+        if info["host"] == cluster.monitor.host and not pid_alive(info["pid"]):
             continue
         if tasks is None or states.get(r) == "running":
             out.append(r)
     return out
-
-
-def _alive(psutil, pid: int) -> bool:
-    try:  # an engine that exited stays a zombie until its MPI launcher reaps it
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def _wait_for(cluster, ranks: list[int], grace: float) -> list[int]:

@@ -231,7 +231,7 @@ class Monitor:
             local = [(t.key, t.beat.pid, t.beat.dump_file) for t in self.collector.tracks.values()
                      if t.beat.host == self.host and not (t.finished or t.gone)]
         for key, pid, dump_file in local:
-            if not _alive(pid):
+            if not pid_alive(pid):
                 with self.lock:
                     self.collector.mark_gone(key)
                 _remove_dump_file(dump_file)
@@ -241,7 +241,7 @@ class Monitor:
             local = [(t.beat.pid, t.beat.dump_file) for t in self.collector.tracks.values()
                      if t.beat.host == self.host]
         for pid, dump_file in local:
-            if not _alive(pid):
+            if not pid_alive(pid):
                 _remove_dump_file(dump_file)
 
 
@@ -253,7 +253,8 @@ def _remove_dump_file(path: str | None) -> None:
             os.unlink(path)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Running and not a zombie (an exited child its parent has not reaped yet)."""
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.ZombieProcess):

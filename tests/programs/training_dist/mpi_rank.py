@@ -52,7 +52,7 @@ result["seconds"] = round(time.monotonic() - started, 3)
 if rank == 0:
     deadline = time.monotonic() + 20
     while len(list(out.glob("rank-*.json"))) < size and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.02)  # ok-sleep: polls for the others' results, with a deadline
     comm.Abort(0)
 # The others wait for rank 0's abort (bounded: hydra ends them with it).
-time.sleep(30)
+time.sleep(30)  # ok-sleep: waits to be ended by rank 0's MPI_Abort, bounded
