@@ -161,6 +161,14 @@ def test_report_round_trips_through_json_and_renders():
     assert "### TD-01" in md and "[rank 2] evaluate" in md
 
 
+def test_report_hides_secrets_the_job_printed():
+    report = build_report(reason="test", command=["python"], idle_seconds=3.0,
+                          processes=td01_ranks(), context={},
+                          last_lines=["step 3", "export WANDB_API_KEY=abc123def"])
+    assert report.last_lines == ["step 3", "export WANDB_API_KEY=<redacted>"]
+    assert "abc123def" not in render_markdown(report)
+
+
 def test_redaction():
     assert redact_environ({"WANDB_API_KEY": "s", "HF_TOKEN": "t", "db_password": "p",
                            "NCCL_DEBUG": "INFO"}) == {

@@ -11,7 +11,7 @@ from hangkit.monitor.diagnose import diagnose
 from hangkit.monitor.merge import groups, merged_tree, render_tree, who
 from hangkit.monitor.stacks import frame_text
 from hangkit.records import HangReport, ProcessSnapshot, RankStatus, StallEvent
-from hangkit.redact import redact_argv
+from hangkit.redact import redact_argv, redact_text
 
 JSON_NAME = "hang-report.json"
 MD_NAME = "hang-report.md"
@@ -32,7 +32,8 @@ def build_report(*, reason: str, command: list[str], idle_seconds: float,
         started_at=_iso(started_at) if started_at else None, captured_at=_iso(time.time()),
         capture_seconds=round(capture_seconds, 2) if capture_seconds is not None else None,
         processes=processes, groups=groups(processes), tree=merged_tree(processes),
-        diagnosis=diagnose(processes, list(events)), last_lines=last_lines, context=context,
+        diagnosis=diagnose(processes, list(events)),
+        last_lines=[redact_text(line) for line in last_lines], context=context,
         ranks=list(ranks), events=list(events))
 
 
