@@ -1,4 +1,4 @@
-"""Benchmark of the rank agent and the monitor: five figures, each with its ratio to its goal.
+"""Benchmark of the rank agent and the monitor: six figures, each with its ratio to its goal.
 
 1. progress() cost. 200 batches of 10,000 calls `progress(step=i, phase="forward")` timed with
    perf_counter_ns, in this process with a Monitor and a started agent (its sidecar running);
@@ -24,6 +24,9 @@
 5. Detection latency. A rank process advances, then blocks with its sidecar beating; a Monitor
    with stall_after=T=2 s is polled every 50 ms until a "stall" event. Latency = event wall time -
    the rank's last progress() wall time; the worst of 3. Goal: <= T + 1 s.
+6. Dashboard. The notebook's Dashboard (widgets, no frontend) fed 100 updates of 64 ranks in
+   which everything a row shows changes (state, step, phase, beat, collective, a worker), one
+   event each: process CPU time. Goal: < 1 s, so a 1 Hz dashboard costs the kernel < 2 %.
 
 Run from the repository root:  .venv/bin/python benchmarks/bench_agent.py   (about a minute)
 
@@ -338,6 +341,39 @@ def figure_detection(workdir: Path) -> list[tuple[bool, str]]:
                    worst <= goal)]
 
 
+# ------------------------------------------------------------------------------ 6. dashboard
+
+DASHBOARD_RANKS, DASHBOARD_UPDATES = 64, 100
+
+
+def figure_dashboard(workdir: Path) -> list[tuple[bool, str]]:
+    from hangkit.jupyter.dashboard import Dashboard
+    from hangkit.records import CollectiveState, RankStatus, StallEvent, WorkerState
+
+    states = ("running", "waiting", "slow", "stalled")
+
+    def statuses(i: int) -> list[RankStatus]:
+        return [RankStatus(
+            key=f"rank {r}", rank=r, pid=1000 + r, host="node1", status=states[(r + i) % 4],
+            step=i, phase=("data", "forward")[i % 2], phase_seconds=0.1 * i, beat_age=0.01 * i,
+            collective=CollectiveState("torch", "world", "all_reduce", i, i % 2 == 0, 0.2 * i),
+            workers=[WorkerState(0, 9000 + r, "fetching", index=i, since=0.0, seconds=0.1 * i)])
+            for r in range(DASHBOARD_RANKS)]
+
+    batches = [statuses(i) for i in range(DASHBOARD_UPDATES + 1)]
+    clock = [0.0]
+    dash = Dashboard(total_steps=1000, clock=lambda: clock[0])
+    dash.update(batches[0])  # builds the rows; later updates only change their values
+    started = time.process_time()
+    for batch in batches[1:]:
+        clock[0] += 1.0
+        dash.update(batch, [StallEvent("straggler", f"rank 3 slow at {clock[0]}", [3],
+                                       at=clock[0])])
+    cpu = time.process_time() - started
+    return [judged(f"Dashboard: {DASHBOARD_UPDATES} updates of {DASHBOARD_RANKS} ranks, CPU",
+                   f"{cpu:.2f} s", "< 1 s", cpu / 1.0, cpu < 1.0)]
+
+
 # ------------------------------------------------------------------------------------ main
 
 FIGURES = [
@@ -346,6 +382,7 @@ FIGURES = [
     (f"3. collector capacity: {RANKS:,} ranks beating once a second", figure_capacity),
     (f"4. merge of {RANKS:,} stacks of {FRAMES} frames", figure_merge),
     (f"5. stall detection latency (stall_after={STALL_AFTER:g} s)", figure_detection),
+    (f"6. the notebook dashboard at {DASHBOARD_RANKS} ranks", figure_dashboard),
 ]
 
 

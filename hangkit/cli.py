@@ -10,7 +10,13 @@ import sys
 from pathlib import Path
 
 from hangkit import __version__
-from hangkit.errors import HangkitError, UsageError
+from hangkit.errors import (
+    HangkitError,
+    UsageError,
+    check_at_least,
+    check_positive_seconds,
+    check_seconds_or_zero,
+)
 from hangkit.probes import PROBE_NAMES
 
 DEFAULT_TIMEOUT = 600.0
@@ -23,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _seconds(text: str) -> float:
+def _seconds_argument(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -45,17 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "report no progress for --progress-timeout seconds, capture every "
                        "process's stacks, write hang-report.json and hang-report.md, print a "
                        "summary, end the job and exit 124.")
-    w.add_argument("--timeout", type=_seconds, default=None, metavar="S",
+    w.add_argument("--timeout", type=_seconds_argument, default=None, metavar="S",
                    help="seconds without output that count as a hang (default: $HANG_TIMEOUT, "
                    f"else {DEFAULT_TIMEOUT:g})")
-    w.add_argument("--progress-timeout", type=_seconds, default=None, metavar="S",
+    w.add_argument("--progress-timeout", type=_seconds_argument, default=None, metavar="S",
                    help="seconds without hangkit.progress() from the ranks that count as a "
                    "hang, even while output continues (default: off; progress is still "
                    "reported)")
     w.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
                    help="interface the monitor listens on for the ranks' agents; use one the "
                    "compute nodes reach for multi-node jobs (default: 127.0.0.1)")
-    w.add_argument("--grace", type=_seconds, default=30.0, metavar="S",
+    w.add_argument("--grace", type=_seconds_argument, default=30.0, metavar="S",
                    help="seconds between SIGTERM and SIGKILL (default: 30)")
     w.add_argument("--report-dir", type=Path, default=None, metavar="DIR",
                    help="where reports go (default: a new directory under the current one)")
@@ -73,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--ranks", type=int, default=None, metavar="N",
                      help="run the probes on N MPI ranks (local mpiexec; inside a PBS job, "
                      "across its nodes)")
-    doc.add_argument("--timeout", type=_seconds, default=30.0, metavar="S",
+    doc.add_argument("--timeout", type=_seconds_argument, default=30.0, metavar="S",
                      help="deadline per probe (default: 30)")
     doc.add_argument("--only", default=None, metavar="NAME,...",
                      help="run only these probes: " + ", ".join(PROBE_NAMES))
@@ -95,14 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="gather a support bundle: doctor results, hang report, "
                          "output tail, job configuration, versions (secrets redacted)")
-    from hangkit.bundle import add_arguments as add_report_arguments
+    from hangkit.bundle.command import add_arguments as add_report_arguments
 
     add_report_arguments(rep)
 
     d = sub.add_parser("demo", help="the main job: a 4-rank training run where rank 2 wanders "
                        "off, caught by hangkit watch")
     d.add_argument("--ranks", type=int, default=4, help="MPI ranks to start (default: 4)")
-    d.add_argument("--timeout", type=_seconds, default=10.0, metavar="S",
+    d.add_argument("--timeout", type=_seconds_argument, default=10.0, metavar="S",
                    help="watch's timeout for the demo (default: 10)")
     return parser
 
@@ -118,6 +124,10 @@ def _watch(args) -> int:
             timeout = float(env_value) if env_value else DEFAULT_TIMEOUT
         except ValueError:
             raise UsageError(f"HANG_TIMEOUT is not a number of seconds: {env_value!r}") from None
+    check_positive_seconds("--timeout", timeout)
+    check_seconds_or_zero("--grace", args.grace)
+    if args.progress_timeout is not None:
+        check_positive_seconds("--progress-timeout", args.progress_timeout)
     return watch(WatchOptions(command=command, timeout=timeout, grace=args.grace,
                               report_dir=args.report_dir, setup_env=args.setup_env,
                               progress_timeout=args.progress_timeout, bind=args.bind))
@@ -126,9 +136,16 @@ def _watch(args) -> int:
 def _doctor(args) -> int:
     import time
 
+    from hangkit.probes import select
     from hangkit.probes.report import exit_code, render, write_json
     from hangkit.probes.runner import run_doctor
 
+    select(args.only, name="--only")
+    check_positive_seconds("--timeout", args.timeout)
+    if args.ranks is not None:
+        check_at_least("--ranks", args.ranks, 1)
+    if not args.path.is_dir():
+        raise UsageError(f"--path is not a directory: {args.path}")
     if args.json is not None and not args.json.parent.is_dir():
         raise UsageError(f"--json: no such directory: {args.json.parent}")
     started = time.monotonic()
@@ -142,8 +159,10 @@ def _doctor(args) -> int:
 
 
 def _demo(args) -> int:
-    from hangkit.demo import run_demo
+    from hangkit.demo import WANDERING_RANK, run_demo
 
+    check_at_least("--ranks", args.ranks, WANDERING_RANK + 1)
+    check_positive_seconds("--timeout", args.timeout)
     return run_demo(ranks=args.ranks, timeout=args.timeout)
 
 
@@ -161,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_job(args)
         if args.command_name == "report":
-            from hangkit.bundle import run as run_report
+            from hangkit.bundle.command import run as run_report
 
             return run_report(args)
         build_parser().print_help(sys.stderr)

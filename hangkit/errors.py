@@ -30,3 +30,24 @@ class UsageError(HangkitError, ValueError):
 
 class CaptureError(HangkitError, RuntimeError):
     """Evidence could not be captured from a process (it is noted in the report, not raised)."""
+
+
+# The checks of values a user gives. Library functions name their parameter ("timeout"), the
+# CLI its option ("--timeout"): one rule, each layer naming its own input.
+
+def check_positive_seconds(name: str, value: float) -> float:
+    if not (value > 0 and value != float("inf")):
+        raise UsageError(f"{name} must be a positive number of seconds, got {value:g}")
+    return value
+
+
+def check_seconds_or_zero(name: str, value: float) -> float:
+    if not (value >= 0 and value != float("inf")):
+        raise UsageError(f"{name} must be zero or more seconds, got {value:g}")
+    return value
+
+
+def check_at_least(name: str, value: int, minimum: int) -> int:
+    if value < minimum:
+        raise UsageError(f"{name} must be at least {minimum}, got {value}")
+    return value

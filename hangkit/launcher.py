@@ -35,14 +35,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def nodefile_hosts(path: str | os.PathLike) -> list[str]:
+    """Every host line of a PBS node file, stripped, in order, repeats kept: PBS repeats a host
+    once per MPI process asked for (mpiprocs). The one reader of PBS_NODEFILE; raises OSError,
+    so each caller decides whether an unreadable file is worth saying."""
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 def job_nodes(environ=os.environ) -> list[str]:
     """The PBS job's hosts, in PBS_NODEFILE order (one line per host on Polaris)."""
     path = environ.get("PBS_NODEFILE")
     if not path:
         return []
     try:
-        with open(path) as f:
-            hosts = [line.strip() for line in f if line.strip()]
+        hosts = nodefile_hosts(path)
     except OSError:
         return []
     return list(dict.fromkeys(hosts))

@@ -1,22 +1,99 @@
 """Records: the one language between layers.
 
 Plain dataclasses with to_json()/from_json(). Capture produces them; the terminal summary, the
-Markdown report, the JSON file (and later the widgets) are pure functions of them.
+Markdown report, the JSON file and the widgets are pure functions of them.
+
+Reading is tolerant, so that a report written by one version opens in the next: from_json
+ignores keys it does not know, fills fields that are missing with their defaults, and reads a
+value of an enum it does not know as that enum's fallback. HangReport and the doctor's JSON
+carry SCHEMA, raised when a field changes meaning (not when one is added).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-ROLES = ("launcher", "rank", "dataloader-worker", "other")
-STATES = ("blocked", "busy", "exited", "unreadable", "remote")
+SCHEMA = 1  # 0: reports written before the field existed (hangkit 0.1.0)
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+class Role(enum.StrEnum):
+    """The part a process plays in the job (monitor/roles.py decides)."""
+
+    LAUNCHER = "launcher"  # mpiexec, its proxies, shells and wrappers between them
+    RANK = "rank"
+    DATALOADER_WORKER = "dataloader-worker"
+    OTHER = "other"  # a rank's subprocess
+
+
+class ProcessState(enum.StrEnum):
+    """What a capture found a process doing."""
+
+    BLOCKED = "blocked"  # in a syscall or a wait, using little CPU
+    BUSY = "busy"  # on a CPU
+    EXITED = "exited"
+    UNREADABLE = "unreadable"  # not ours to read
+    REMOTE = "remote"  # on another node: what its agent said, no /proc or py-spy
+
+
+class RankState(enum.StrEnum):
+    """The monitor's word for a rank (collector._status decides)."""
+
+    RUNNING = "running"
+    IDLE = "idle"  # an engine between notebook cells: waiting by intent, never stalled
+    WAITING = "waiting"  # stopped inside a collective, waiting for its peers
+    SLOW = "slow"  # a straggler
+    STALLED = "stalled"  # stopped outside any collective
+    DEAD = "dead"  # its process is gone, or it stopped beating
+    ERRORED = "errored"  # ended by an exception
+    FINISHED = "finished"  # said goodbye
+
+    @property
+    def ended(self) -> bool:
+        """No process left to ask for anything (stacks, progress)."""
+        return self in (RankState.DEAD, RankState.FINISHED, RankState.ERRORED)
+
+
+class WorkerPhase(enum.StrEnum):
+    """A DataLoader worker's state, as its rank's safe DataLoader last saw it."""
+
+    STARTING = "starting"
+    IDLE = "idle"  # waiting for indices
+    FETCHING = "fetching"  # inside the dataset
+    EXITED = "exited"  # with exit_code
+    KILLED = "killed"  # by signal
+
+    @property
+    def alive(self) -> bool:
+        return self not in (WorkerPhase.EXITED, WorkerPhase.KILLED)
+
+
+def parse_enum(kind: type[E], value: Any, fallback: E) -> E:
+    """value as a member of kind; a value this version does not know reads as fallback."""
+    try:
+        return kind(value)
+    except ValueError:
+        return fallback
 
 
 class _Record:
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def _known(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """The keys of d that are fields of this record: a newer version's are ignored."""
+        names = _FIELD_NAMES.get(cls)
+        if names is None:
+            names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls))
+        return {k: v for k, v in d.items() if k in names}
+
+
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
 
 
 @dataclass
@@ -30,7 +107,7 @@ class Frame(_Record):
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Frame:
-        return cls(d["function"], d["file"], d.get("line"), d.get("native", False))
+        return cls(**cls._known(d))
 
     @property
     def location(self) -> str:
@@ -51,15 +128,10 @@ class ThreadStack(_Record):
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ThreadStack:
-        return cls(
-            id=d["id"],
-            name=d.get("name"),
-            frames=[Frame.from_json(f) for f in d.get("frames", [])],
-            os_thread_id=d.get("os_thread_id"),
-            is_main=d.get("is_main", False),
-            owns_gil=d.get("owns_gil", False),
-            active=d.get("active"),
-        )
+        d = cls._known(d)
+        d.setdefault("name", None)
+        d["frames"] = [Frame.from_json(f) for f in d.get("frames", [])]
+        return cls(**d)
 
 
 @dataclass
@@ -72,7 +144,7 @@ class Syscall(_Record):
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> Syscall | None:
-        return cls(d["name"], d["number"], d.get("target")) if d else None
+        return cls(**cls._known(d)) if d else None
 
     def describe(self) -> str:
         return f"in {self.name}" + (f" on {self.target}" if self.target else "")
@@ -83,9 +155,9 @@ class ProcessSnapshot(_Record):
     pid: int
     ppid: int | None
     rank: int | None
-    role: str
+    role: Role
     cmdline: list[str]
-    state: str
+    state: ProcessState
     cpu_percent: float | None = None  # over the sampling interval; 100 = one full core
     kernel_state: str | None = None  # R, S, D (uninterruptible: often a hung filesystem), ...
     syscall: Syscall | None = None  # main thread's, when blocked in one
@@ -95,24 +167,19 @@ class ProcessSnapshot(_Record):
     note: str | None = None
     fetching: str | None = None  # a DataLoader worker's dataset indices, while it fetches them
 
+    def __post_init__(self):  # so that code and tests may pass the plain words
+        self.role = parse_enum(Role, self.role, Role.OTHER)
+        self.state = parse_enum(ProcessState, self.state, ProcessState.UNREADABLE)
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ProcessSnapshot:
-        return cls(
-            pid=d["pid"],
-            ppid=d.get("ppid"),
-            rank=d.get("rank"),
-            role=d["role"],
-            cmdline=list(d.get("cmdline", [])),
-            state=d["state"],
-            cpu_percent=d.get("cpu_percent"),
-            kernel_state=d.get("kernel_state"),
-            syscall=Syscall.from_json(d.get("syscall")),
-            session_id=d.get("session_id"),
-            threads=[ThreadStack.from_json(t) for t in d.get("threads", [])],
-            stack_error=d.get("stack_error"),
-            note=d.get("note"),
-            fetching=d.get("fetching"),
-        )
+        d = cls._known(d)
+        for name in ("ppid", "rank", "role", "state"):
+            d.setdefault(name, None)
+        d["cmdline"] = list(d.get("cmdline", []))
+        d["syscall"] = Syscall.from_json(d.get("syscall"))
+        d["threads"] = [ThreadStack.from_json(t) for t in d.get("threads", [])]
+        return cls(**d)
 
     @property
     def main_thread(self) -> ThreadStack | None:
@@ -124,10 +191,10 @@ class ProcessSnapshot(_Record):
     @property
     def label(self) -> str:
         rank = f"rank {self.rank}" if self.rank is not None else ""
-        if self.role == "dataloader-worker":
+        if self.role == Role.DATALOADER_WORKER:
             who = f"{rank} DataLoader worker".strip()
         else:
-            who = rank or ("main process" if self.role == "rank" else self.role)
+            who = rank or ("main process" if self.role == Role.RANK else self.role)
         return f"{who} (pid {self.pid})"
 
 
@@ -142,8 +209,8 @@ class StackGroup(_Record):
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> StackGroup:
-        return cls(d["location"], list(d["ranks"]), list(d["pids"]),
-                   [Frame.from_json(f) for f in d["frames"]])
+        return cls(d["location"], list(d.get("ranks", [])), list(d.get("pids", [])),
+                   [Frame.from_json(f) for f in d.get("frames", [])])
 
 
 @dataclass
@@ -175,7 +242,7 @@ class Diagnosis(_Record):
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Diagnosis:
-        return cls(d["kind"], d["summary"], d["advice"], list(d.get("ranks", [])),
+        return cls(d["kind"], d["summary"], d.get("advice", ""), list(d.get("ranks", [])),
                    list(d.get("pids", [])))
 
 
@@ -192,10 +259,70 @@ class CollectiveState(_Record):
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> CollectiveState | None:
-        return cls(**d) if d else None
+        return cls(**cls._known(d)) if d else None
 
     def describe(self) -> str:
         return f"{self.op} #{self.seq}" + ("" if self.comm == "world" else f" on {self.comm}")
+
+
+@dataclass
+class WorkerState(_Record):
+    """One DataLoader worker, as its rank's safe DataLoader last read its slot and exit code."""
+
+    worker: int  # torch's worker id, 0 .. num_workers - 1
+    pid: int | None
+    state: WorkerPhase
+    index: int | None = None  # the dataset index it is fetching (a dead one: was fetching)
+    since: float | None = None  # time.time() when that fetch began
+    seconds: float | None = None  # how long it had been fetching when the state was read
+    exit_code: int | None = None  # EXITED
+    signal: int | None = None  # KILLED
+
+    def __post_init__(self):
+        self.state = parse_enum(WorkerPhase, self.state, WorkerPhase.IDLE)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> WorkerState:
+        d = cls._known(d)
+        d.setdefault("pid", None)
+        text = str(d.get("state") or "")
+        # hangkit 0.1.0 wrote free text: "killed by signal 9", "exited with code 1".
+        if text.startswith("killed"):
+            d["state"] = WorkerPhase.KILLED
+        elif text.startswith("exited"):
+            d["state"] = WorkerPhase.EXITED
+            code = text.rsplit(" ", 1)[-1]
+            d.setdefault("exit_code", int(code) if code.isdigit() else 0)
+        else:
+            d["state"] = parse_enum(WorkerPhase, text, WorkerPhase.IDLE)
+        return cls(**d)
+
+    def describe(self) -> str:
+        """'worker 1 (pid 502) fetching dataset index 17 for 33.0 s', 'worker 2 (pid 503)
+        killed by signal 9 (SIGKILL) while fetching dataset index 29 (for 1.2 s)'."""
+        head = f"worker {self.worker} (pid {self.pid})"
+        fetch = f"dataset index {self.index}" if self.index is not None else "a batch"
+        took = f"{self.seconds:.1f} s" if self.seconds is not None else None
+        if self.state == WorkerPhase.FETCHING:
+            return f"{head} fetching {fetch}" + (f" for {took}" if took else "")
+        if self.state == WorkerPhase.KILLED:
+            text = f"{head} killed by signal {self.signal} ({_signal_name(self.signal)})"
+        elif self.state == WorkerPhase.EXITED:
+            text = f"{head} exited" + (f" with code {self.exit_code}" if self.exit_code else "")
+        else:
+            return f"{head} {self.state}"
+        if self.since is not None:  # it died inside the dataset
+            text += f" while fetching {fetch}" + (f" (for {took})" if took else "")
+        return text
+
+
+def _signal_name(number: int | None) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except (ValueError, TypeError):
+        return f"signal {number}"
 
 
 @dataclass
@@ -218,18 +345,16 @@ class Beat(_Record):
     dump_signal: int | None = None
     main_ident: int | None = None  # the main thread's id, to find it in a faulthandler dump
     error: str | None = None  # the last line of an exception that ended the rank's work
+    workers: list[WorkerState] = field(default_factory=list)  # its safe DataLoader's
     extra: dict[str, Any] = field(default_factory=dict)  # hangkit.agent.publish()'s state
     sent_at: float = 0.0  # the sender's time.time()
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Beat:
-        # Fields a newer agent may add are ignored; the set is built once (2,240 beats a second).
-        d = {k: v for k, v in d.items() if k in _BEAT_FIELDS}
+        d = cls._known(d)
         d["collective"] = CollectiveState.from_json(d.get("collective"))
+        d["workers"] = [WorkerState.from_json(w) for w in d.get("workers") or ()]
         return cls(**d)
-
-
-_BEAT_FIELDS = frozenset(f.name for f in dataclasses.fields(Beat))
 
 
 @dataclass
@@ -240,7 +365,7 @@ class RankStatus(_Record):
     rank: int | None
     pid: int
     host: str
-    status: str  # running, idle, waiting, slow, stalled, dead, errored, finished
+    status: RankState
     step: int | None = None
     phase: str | None = None
     phase_seconds: float = 0.0
@@ -251,12 +376,23 @@ class RankStatus(_Record):
     straggler_score: float | None = None  # work per step against the other ranks' median
     fields: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    workers: list[WorkerState] = field(default_factory=list)  # its DataLoader workers
     extra: dict[str, Any] = field(default_factory=dict)  # what the rank publish()ed
+
+    def __post_init__(self):
+        self.status = parse_enum(RankState, self.status, RankState.RUNNING)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RankStatus:
-        d = dict(d)
+        d = cls._known(d)
+        d.setdefault("rank", None)
+        d.setdefault("status", None)
         d["collective"] = CollectiveState.from_json(d.get("collective"))
+        extra = dict(d.get("extra") or {})
+        # hangkit 0.1.0 carried the workers as untyped dicts in extra.
+        workers = d.get("workers") or extra.pop("dataloader_workers", None) or []
+        d["workers"] = [WorkerState.from_json(w) for w in workers if isinstance(w, dict)]
+        d["extra"] = extra
         return cls(**d)
 
 
@@ -273,7 +409,7 @@ class StallEvent(_Record):
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> StallEvent:
-        return cls(**d)
+        return cls(**cls._known(d))
 
 
 PROBE_STATUSES = ("ok", "warn", "fail", "timeout", "skipped")
@@ -315,14 +451,15 @@ class HangReport(_Record):
     context: dict[str, Any] = field(default_factory=dict)
     ranks: list[RankStatus] = field(default_factory=list)  # from the ranks' agents, if any
     events: list[StallEvent] = field(default_factory=list)
+    schema: int = SCHEMA
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> HangReport:
         return cls(
-            hang=d["hang"],
-            reason=d["reason"],
-            command=list(d["command"]),
-            idle_seconds=d["idle_seconds"],
+            hang=d.get("hang", True),
+            reason=d.get("reason", ""),
+            command=list(d.get("command", [])),
+            idle_seconds=d.get("idle_seconds", 0.0),
             detector=d.get("detector", "output"),
             started_at=d.get("started_at"),
             captured_at=d.get("captured_at"),
@@ -335,4 +472,5 @@ class HangReport(_Record):
             context=dict(d.get("context", {})),
             ranks=[RankStatus.from_json(r) for r in d.get("ranks", [])],
             events=[StallEvent.from_json(e) for e in d.get("events", [])],
+            schema=d.get("schema", 0),
         )

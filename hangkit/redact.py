@@ -1,13 +1,21 @@
 """Keeping secrets out of reports: environments, command lines and free text (job output,
-logs) can hold them. Names containing KEY, TOKEN, SECRET or PASSWORD are secret."""
+logs) can hold them. Names containing KEY, TOKEN, SECRET or PASSWORD are secret. Whole files
+(the members of a `hangkit report` bundle) go through redact_member."""
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 REDACTED = "<redacted>"
 _SECRET_OPTION = re.compile(r"^--?[\w-]*(key|token|secret|password)[\w-]*", re.IGNORECASE)
+# hangkit's own record fields whose names contain a secret word but hold no secret
+# (RankStatus.key is "rank 3"): JSON keys spared from redaction by name.
+_RECORD_FIELDS = frozenset({"key"})
+_MIN_SCRUB = 6  # shorter secret values are not scrubbed as literals: they would hit anything
 
 
 def is_secret_name(name: str) -> bool:
@@ -75,3 +83,51 @@ def redact_text(text: str) -> str:
     text = _OPTION.sub(lambda m: m["name"] + m["sep"] + REDACTED, text)
     text = _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED, text)
     return _BEARER.sub(lambda m: m["head"] + REDACTED, text)
+
+
+# Whole files: what `hangkit report` puts in its bundle.
+
+def redact_json(value: Any) -> Any:
+    """Strings redacted as text; the value of a key named like a secret hidden whole."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, list):
+        return [redact_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: (REDACTED if isinstance(k, str) and k not in _RECORD_FIELDS
+                    and is_secret_name(k) and isinstance(v, str) and v else redact_json(v))
+                for k, v in value.items()}
+    return value
+
+
+def secret_values(environ: Mapping[str, str]) -> list[str]:
+    """The values of this environment's secret variables, to scrub wherever they appear.
+    Short values and paths are left alone: scrubbing "1" or "/home/me" would hit anything."""
+    found = {v for k, v in environ.items()
+             if is_secret_name(k) and len(v) >= _MIN_SCRUB and not v.startswith(("/", "~"))
+             and v != REDACTED}
+    return sorted(found, key=len, reverse=True)  # longest first: one may contain another
+
+
+def redact_member(name: str, data: bytes | str,
+                  secrets: Sequence[str] = ()) -> bytes | str:
+    """One member's content with its secrets hidden; unchanged (the same bytes) if it has none.
+    JSON is redacted value by value so its structure survives; anything else as text."""
+    text = data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else data
+    redacted = None
+    if name.endswith(".json"):
+        try:
+            document = json.loads(text)
+        except ValueError:
+            pass
+        else:
+            cleaned = redact_json(document)
+            redacted = text if cleaned == document else json.dumps(cleaned, indent=2) + "\n"
+    if redacted is None:
+        redacted = "".join(redact_text(line) for line in text.splitlines(keepends=True))
+    for secret in secrets:
+        for form in dict.fromkeys((secret, json.dumps(secret)[1:-1])):
+            redacted = redacted.replace(form, REDACTED)
+    if redacted == text:
+        return data
+    return redacted.encode("utf-8", "surrogateescape") if isinstance(data, bytes) else redacted

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hangkit.monitor.procfs import read_environ
+from hangkit.procfs import read_environ
 
 PROGRAMS = Path(__file__).parent / "programs"
 TAG_VARIABLE = "HANGKIT_TEST_TAG"

@@ -13,13 +13,14 @@ import hangkit
 from hangkit.envsetup import AF_UNIX_PATH_MAX, af_unix_path_length
 from hangkit.monitor.collectives import collective_of
 from hangkit.monitor.diagnose import diagnose
-from hangkit.monitor.merge import format_ranks, groups, merged_tree, render_tree
+from hangkit.monitor.merge import groups, merged_tree, render_tree
 from hangkit.monitor.output import OutputTail
 from hangkit.monitor.report import build_report, render_markdown
 from hangkit.monitor.roles import assign_roles
 from hangkit.monitor.stacks import is_user_frame, short_path
 from hangkit.records import Frame, HangReport, ProcessSnapshot, ThreadStack
 from hangkit.redact import redact_argv, redact_environ
+from hangkit.text import format_ranks
 
 SITE = "/opt/conda/lib/python3.11/site-packages"
 C10D = f"{SITE}/torch/distributed/distributed_c10d.py"
@@ -48,9 +49,10 @@ def td01_ranks():
 def test_public_api_is_pinned():
     assert sorted(hangkit.__all__) == sorted([
         "Beat", "CaptureError", "CollectiveState", "Diagnosis", "Frame", "HangReport",
-        "HangkitError", "Monitor", "ProbeResult", "ProcessSnapshot", "RankStatus",
-        "StackGroup", "StallEvent", "ThreadStack", "TreeNode", "UsageError", "__version__",
-        "doctor", "instrument", "progress", "start_agent", "stop_agent"])
+        "HangkitError", "Monitor", "ProbeResult", "ProcessSnapshot", "ProcessState",
+        "RankState", "RankStatus", "Role", "StackGroup", "StallEvent", "ThreadStack",
+        "TreeNode", "UsageError", "WorkerPhase", "WorkerState", "__version__", "doctor",
+        "instrument", "progress", "start_agent", "stop_agent"])
     assert all(getattr(hangkit, name) is not None for name in hangkit.__all__)
     assert issubclass(hangkit.UsageError, ValueError)
 
@@ -199,14 +201,62 @@ def test_af_unix_path_length_matches_multiprocessing():
 
 def test_report_shows_the_workers_a_rank_published():
     from hangkit.monitor.report import render_ranks
-    from hangkit.records import RankStatus
+    from hangkit.records import RankStatus, WorkerPhase, WorkerState
 
-    workers = [{"worker": 0, "pid": 41, "state": "fetching", "index": 9, "seconds": 12.34},
-               {"worker": 1, "pid": 42, "state": "killed by signal 9", "signal": 9}]
+    workers = [WorkerState(0, 41, WorkerPhase.FETCHING, index=9, since=1.0, seconds=12.34),
+               WorkerState(1, 42, WorkerPhase.KILLED, signal=9)]
     status = RankStatus(key="rank 2", rank=2, pid=40, host="n1", status="stalled", step=7,
-                        phase="data", extra={"dataloader_workers": workers})
+                        phase="data", workers=workers)
     report = HangReport(hang=True, reason="r", command=[], idle_seconds=1.0, ranks=[status])
     lines = render_ranks(HangReport.from_json(json.loads(json.dumps(report.to_json()))))
-    assert lines[1:] == ["    DataLoader worker 0 (pid 41): fetching index 9 for 12.3 s",
-                         "    DataLoader worker 1 (pid 42): killed by signal 9"], lines
-    assert "DataLoader worker 0 (pid 41): fetching index 9" in render_markdown(report)
+    assert lines[1:] == ["    DataLoader worker 0 (pid 41) fetching dataset index 9 for 12.3 s",
+                         "    DataLoader worker 1 (pid 42) killed by signal 9 (SIGKILL)"], lines
+    assert "DataLoader worker 0 (pid 41) fetching dataset index 9" in render_markdown(report)
+
+
+def test_a_report_of_hangkit_0_1_0_opens_and_one_from_a_newer_version_too():
+    """0.1.0 wrote no schema, roles and states as words, and DataLoader workers as untyped
+    dicts in a rank's extra; a newer version may add fields anywhere."""
+    from hangkit.records import RankState, Role, WorkerPhase
+
+    old = {
+        "hang": True, "reason": "no output for 10 s", "command": ["mpiexec"], "idle_seconds": 10,
+        "processes": [{"pid": 7, "ppid": 1, "rank": 0, "role": "rank", "cmdline": ["python"],
+                       "state": "blocked", "threads": [{"id": 1, "name": None, "frames": [
+                           {"function": "main", "file": "train.py", "line": 3}]}]}],
+        "ranks": [{"key": "rank 0", "rank": 0, "pid": 7, "host": "n1", "status": "stalled",
+                   "extra": {"dataloader_workers": [
+                       {"worker": 0, "pid": 8, "state": "killed by signal 9", "signal": 9},
+                       {"worker": 1, "pid": 9, "state": "exited with code 3"}]}}],
+        "events": [{"kind": "stall", "summary": "no rank advanced"}],
+    }
+    report = HangReport.from_json(old)
+    assert report.schema == 0
+    (p,) = report.processes
+    assert (p.role, p.state) == (Role.RANK, "blocked")
+    (r,) = report.ranks
+    assert r.status == RankState.STALLED and r.extra == {}
+    assert [(w.state, w.signal, w.exit_code) for w in r.workers] == [
+        (WorkerPhase.KILLED, 9, None), (WorkerPhase.EXITED, None, 3)]
+
+    def newer(d):  # every record of the report grows a field this version does not know
+        if isinstance(d, dict):
+            return {**{k: newer(v) for k, v in d.items()}, "added_later": 1}
+        return [newer(x) for x in d] if isinstance(d, list) else d
+
+    future = newer(report.to_json())
+    future["processes"][0]["role"] = "relay"  # a role this version does not know
+    again = HangReport.from_json(future)
+    assert again.schema == 0  # read as it was written
+    assert HangReport(True, "r", [], 0.0).schema == hangkit.records.SCHEMA
+    assert again.processes[0].role == Role.OTHER
+    assert again.ranks[0].workers == r.workers
+
+
+def test_build_report_leaves_the_snapshots_it_is_given_alone():
+    rank = rank_proc(0, [f("main")], cmd=("python", "train.py", "--api-key", "s3cret"))
+    before = rank.to_json()
+    report = build_report(reason="r", command=["python", "--token=abc"], idle_seconds=1,
+                          processes=[rank], last_lines=[], context={})
+    assert rank.to_json() == before
+    assert report.processes[0].cmdline == ["python", "train.py", "--api-key", "<redacted>"]

@@ -1,4 +1,4 @@
-"""`hangkit report`: the bundle of what users send when a hang persists (hangkit/bundle.py).
+"""`hangkit report`: the bundle of what users send when a hang persists (hangkit/bundle/).
 
 One real run of `python -m hangkit.bundle` in a fake PBS job (module fixture `made`) is read by
 several tests; the rest call the pure parts, or collect() with a short child deadline."""

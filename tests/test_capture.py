@@ -8,7 +8,7 @@ import sys
 import time
 
 from hangkit.monitor.capture import capture
-from hangkit.monitor.procfs import blocked_syscall, kernel_state
+from hangkit.procfs import blocked_syscall, kernel_state
 
 
 def test_a_process_that_is_gone_is_noted_not_fatal():

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import hangkit
 from hangkit.cli import main
 from hangkit.probes import PROBE_NAMES
 from hangkit.probes.runner import run_doctor
@@ -64,6 +65,18 @@ def test_bad_usage_is_one_line_and_exit_2(argv, message, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"hangkit: error: {message}" or (
         message in err and err.startswith("hangkit: error:") and "\n" not in err), err
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"timeout": -1}, "timeout must be a positive number of seconds, got -1"),
+    ({"ranks": 0}, "ranks must be at least 1, got 0"),
+    ({"path": "/no/such/dir"}, "path is not a directory: /no/such/dir"),
+    ({"only": ","}, "only names no probe"),
+])
+def test_the_library_names_its_parameters_not_the_cli_options(kwargs, message):
+    with pytest.raises(hangkit.UsageError) as caught:
+        hangkit.doctor(**kwargs)
+    assert str(caught.value) == message
 
 
 def test_cli_table_json_and_exit_code(tmp_path, capsys, monkeypatch):

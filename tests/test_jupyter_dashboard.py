@@ -6,7 +6,10 @@ widgets' values, which are what a frontend would draw.
 
 from __future__ import annotations
 
-import time
+import dataclasses
+import html
+import subprocess
+import sys
 
 import pytest
 
@@ -15,12 +18,13 @@ pytest.importorskip("ipywidgets")
 import ipywidgets  # noqa: E402
 
 from hangkit.jupyter import display as display_module  # noqa: E402
-from hangkit.jupyter.dashboard import (  # noqa: E402
-    BAR_STYLES,
-    COLOURS,
+from hangkit.jupyter.dashboard import BAR_STYLES, COLOURS, Dashboard  # noqa: E402
+from hangkit.jupyter.dashboard_format import (  # noqa: E402
     EVENTS_SHOWN,
     STATES,
-    Dashboard,
+    RowText,
+    format_duration,
+    row_text,
     state_of,
 )
 from hangkit.jupyter.probe_matrix import COLOURS as PROBE_COLOURS  # noqa: E402
@@ -31,9 +35,11 @@ from hangkit.records import (  # noqa: E402
     Diagnosis,
     Frame,
     ProbeResult,
+    RankState,
     RankStatus,
     StallEvent,
     TreeNode,
+    WorkerState,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -78,9 +84,17 @@ def test_state_of_takes_the_monitors_status(state):
 
 
 def test_state_of_puts_an_error_before_finished_and_reads_unknown_statuses():
-    assert state_of(status(0, "finished", error="ValueError: bad")) == "errored"
-    assert state_of(status(0, "sleeping")) == "running"
-    assert state_of(status(0, "sleeping", error="boom")) == "errored"
+    assert state_of(status(0, "finished", error="ValueError: bad")) == RankState.ERRORED
+    assert state_of(status(0, "finished")) == RankState.FINISHED
+    # The record reads a status this version does not know as running, error or not: the
+    # error still shows, in the row's text and the errors area.
+    assert state_of(status(0, "sleeping")) == RankState.RUNNING
+    assert state_of(status(0, "sleeping", error="boom")) == RankState.RUNNING
+
+
+def test_durations_read_as_seconds_minutes_or_hours():
+    assert [format_duration(x) for x in (None, 0.25, 99.9, 130, 3599, 3600, 11100)] == [
+        "-", "0.2 s", "99.9 s", "2m10s", "59m59s", "1h00m", "3h05m"]
 
 
 # -- rows ------------------------------------------------------------------------------------
@@ -157,35 +171,49 @@ def test_a_state_change_changes_colour_and_bar_style_in_place():
 # -- DataLoader workers ----------------------------------------------------------------------
 
 WORKERS = [
-    {"worker": 0, "pid": 501, "state": "idle"},
-    {"worker": 1, "pid": 502, "state": "fetching", "index": 17, "since": 1.0, "seconds": 33.0},
-    {"worker": 2, "pid": 503, "state": "killed by signal 9", "signal": 9},
+    WorkerState(0, 501, "idle"),
+    WorkerState(1, 502, "fetching", index=17, since=1.0, seconds=33.0),
+    WorkerState(2, 503, "killed", signal=9),
 ]
 
 
 def test_workers_are_listed_under_their_rank():
     dash = Dashboard(total_steps=10)
-    dash.update([status(0, extra={"dataloader_workers": WORKERS}), status(1)], now=0)
+    dash.update([status(0, workers=WORKERS), status(1)], now=0)
     shown = dash.rows["rank 0"].workers
     assert shown.layout.display is None
-    assert "DataLoader worker 0 (pid 501): idle" in shown.value
-    assert "DataLoader worker 1 (pid 502): fetching index 17 for 33.0 s" in shown.value
-    assert "DataLoader worker 2 (pid 503): killed by signal 9" in shown.value
+    assert "DataLoader worker 0 (pid 501) idle" in shown.value
+    assert "DataLoader worker 1 (pid 502) fetching dataset index 17 for 33.0 s" in shown.value
+    assert "DataLoader worker 2 (pid 503) killed by signal 9 (SIGKILL)" in shown.value
     assert dash.rows["rank 1"].workers.layout.display == "none"
     text = dash.text()
-    assert "    DataLoader worker 1 (pid 502): fetching index 17 for 33.0 s" in text
+    assert "    DataLoader worker 1 (pid 502) fetching dataset index 17 for 33.0 s" in text
     # A rank whose workers went away hides its section again.
     dash.update([status(0), status(1)], now=5)
     assert dash.rows["rank 0"].workers.layout.display == "none"
 
 
-def test_malformed_worker_lists_are_ignored():
+def test_an_old_reports_untyped_workers_show_as_typed_ones():
+    # hangkit 0.1.0 carried a rank's workers as free-text dicts in its status's extra.
+    old = {"key": "rank 0", "rank": 0, "pid": 1000, "host": "node1", "status": "running",
+           "step": 3, "extra": {"dataloader_workers": [
+               {"worker": 2, "pid": 503, "state": "killed by signal 9", "signal": 9}]}}
     dash = Dashboard(total_steps=10)
-    dash.update([status(0, extra={"dataloader_workers": "garbage"}),
-                 status(1, extra={"dataloader_workers": ["x", {"worker": 0, "pid": 9,
-                                                              "state": "idle"}]})], now=0)
-    assert dash.rows["rank 0"].workers.value == ""
-    assert "pid 9" in dash.rows["rank 1"].workers.value
+    dash.update([RankStatus.from_json(old)], now=0)
+    line = "DataLoader worker 2 (pid 503) killed by signal 9 (SIGKILL)"
+    assert line in dash.rows["rank 0"].workers.value
+    assert "    " + line in dash.text()
+
+
+def test_worker_deaths_are_news_in_text_mode_but_busy_workers_are_not():
+    dash = Dashboard(total_steps=10)
+    fetching = WorkerState(0, 501, "fetching", index=3, since=1.0, seconds=0.1)
+    dash.statuses = [status(0, workers=[WorkerState(0, 501, "idle")])]
+    idle = dash._digest()
+    dash.statuses = [status(0, workers=[fetching])]
+    assert dash._digest() == idle
+    dash.statuses = [status(0, workers=[WorkerState(0, 501, "killed", signal=9)])]
+    assert dash._digest() != idle
 
 
 # -- throttling ------------------------------------------------------------------------------
@@ -219,7 +247,7 @@ def test_now_overrides_the_clock():
     assert dash.update([status(0)], now=12.0)
 
 
-def test_64_ranks_at_1_hz_reuse_their_widgets_and_stay_cheap():
+def test_64_ranks_at_1_hz_reuse_their_widgets():
     clock = FakeClock(0.0)
     dash = Dashboard(total_steps=1000, clock=clock)
 
@@ -229,26 +257,24 @@ def test_64_ranks_at_1_hz_reuse_their_widgets_and_stay_cheap():
                        phase_seconds=0.1 * i, beat_age=0.01 * i,
                        collective=CollectiveState("torch", "world", "all_reduce", i, i % 2 == 0,
                                                   0.2 * i),
-                       extra={"dataloader_workers": [
-                           {"worker": 0, "pid": 9000 + r, "state": "fetching", "index": i,
-                            "seconds": 0.1 * i}]})
+                       workers=[WorkerState(0, 9000 + r, "fetching", index=i,
+                                            seconds=0.1 * i)])
                 for r in range(64)]
 
     batches = [statuses(i) for i in range(101)]
     dash.update(batches[0])
     boxes = [dash.rows[f"rank {r}"].box for r in range(64)]
     before = widget_count()
-    started = time.process_time()
     for batch in batches[1:]:
         clock.t += 1.0
         assert dash.update(batch, [StallEvent("straggler", f"rank 3 slow at {clock.t}", [3],
                                               at=clock.t)])
-    cpu = time.process_time() - started
+    # What this costs is a benchmark's figure, not a test's: asserting a CPU time here would
+    # fail on a loaded machine and say nothing about the widgets.
     assert widget_count() == before, "widgets were created after the first render"
     assert [dash.rows[f"rank {r}"].box for r in range(64)] == boxes
     assert dash.rows["rank 63"].bar.value == 100
     assert dash.rows["rank 63"].collective.value == "all_reduce #100 (inside 20.0 s)"
-    assert cpu < 1.0, f"64 ranks x 100 updates took {cpu:.2f} s of CPU"
 
 
 # -- events, errors, stacks ------------------------------------------------------------------
@@ -367,8 +393,49 @@ def test_text_has_a_line_per_rank():
     assert lines[0] == "2 ranks: 1 running, 1 dead"
     assert lines[1] == ("rank 0: running, step 42/100, phase backward for 1.3 s, "
                         "beat 0.5 s ago, all_reduce #7 (inside 2.0 s) (pid 1000 on node1)")
-    assert lines[2] == "pid 77: dead, no step, beat 0.0 s ago (pid 77 on node2)"
+    assert lines[2] == "pid 77: dead, step -, beat 0.0 s ago (pid 77 on node2)"
     assert len(lines) == 3
+
+
+def test_the_text_and_the_widgets_show_the_same_values_for_a_row():
+    # One formatter behind both: every value of a row's RowText is in its widgets and in
+    # its line of text (and its workers on the lines below), worded the same.
+    s = status(1, "waiting", step=41, phase="sync", phase_seconds=130.0, beat_age=0.5,
+               collective=CollectiveState("torch", "world", "all_reduce", 7, True, 2.5),
+               error="RuntimeError: timed out", workers=WORKERS)
+    dash = Dashboard(total_steps=100)
+    dash.update([s], now=0)
+    row, widgets = row_text(s, 100), dash.rows["rank 1"]
+    shown = {
+        "key": widgets.key.value, "tooltip": widgets.key.tooltip, "state": widgets.state.value,
+        "bar_value": widgets.bar.value, "bar_max": widgets.bar.max, "step": widgets.step.value,
+        "phase": widgets.phase.value, "phase_time": widgets.phase_time.value,
+        "beat": widgets.beat.value, "collective": widgets.collective.value,
+        "workers": widgets.workers.value, "error": dash._errors.value,
+    }
+    assert set(shown) == {f.name for f in dataclasses.fields(RowText)}
+    text = dash.text().splitlines()
+    line = next(t for t in text if t.startswith("rank 1: "))
+    for name, widget_value in shown.items():
+        value = getattr(row, name)
+        if name == "workers":
+            assert all(html.escape(w) in widget_value for w in value)
+            assert all("    " + w in text for w in value)
+        elif name == "error":
+            assert html.escape(value) in widget_value and value in line
+        elif name in ("bar_value", "bar_max"):  # the bar draws these; the text says the step
+            assert widget_value == value
+        else:
+            assert widget_value == value and value in line, name
+    assert row.phase_time == "2m10s" and row.step == "41/100"
+
+
+def test_the_wording_needs_no_widgets():
+    # Text mode runs where there is no widget frontend, and may run where ipywidgets is not
+    # installed: the formatter must not import it.
+    code = ("import sys, hangkit.jupyter.dashboard_format; "
+            "sys.exit('ipywidgets' in sys.modules or 'IPython' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 0
 
 
 def test_has_frontend(monkeypatch):

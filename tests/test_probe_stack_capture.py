@@ -11,9 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hangkit.monitor.pyspy import PY_SPY_ENV
 from hangkit.probes.runner import run_doctor
 from hangkit.probes.stack_capture import KNOWN_FUNCTION, has_cap_sys_ptrace, ptrace_scope
+from hangkit.pyspy import PY_SPY_ENV
 
 
 def stack_result():

@@ -14,6 +14,7 @@ import pytest
 from conftest import PROGRAMS
 
 from hangkit.agent.beacon import state
+from hangkit.records import WorkerPhase
 from hangkit.training.dataloader import (
     DataLoaderHang,
     DataLoaderWorkerDied,
@@ -37,7 +38,7 @@ def children() -> set[int]:
 
 def test_healthy_dataset_uses_requested_workers_and_publishes_states(caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
-    state.extra.pop("dataloader_workers", None)
+    state.workers = []
     before = children()
     loader = safe_dataloader(datasets.Squares(64), batch_size=4, num_workers=2,
                              timeout=30, test_timeout=30)
@@ -49,14 +50,14 @@ def test_healthy_dataset_uses_requested_workers_and_publishes_states(caplog):
     published = None
     for batch in loader:
         seen.extend(batch[:, 0].tolist())
-        published = published or list(state.extra.get("dataloader_workers") or [])
+        published = published or list(state.workers)
     assert sorted(seen) == list(range(64))
     # Published at the start of the epoch (workers may still be starting) and at its end.
-    assert [w["worker"] for w in published] == [0, 1]
-    assert all(w["pid"] and w["state"] for w in published), published
-    final = state.extra["dataloader_workers"]
-    assert {w["pid"] for w in final} == {w["pid"] for w in loader.last_states}
-    assert all(w["state"] == "exited" for w in final), final
+    assert [w.worker for w in published] == [0, 1]
+    assert all(w.pid and w.state.alive for w in published), published
+    final = state.workers
+    assert {w.pid for w in final} == {w.pid for w in loader.last_states}
+    assert all(w.state == WorkerPhase.EXITED and w.exit_code == 0 for w in final), final
     assert children() == before
 
 
@@ -76,8 +77,9 @@ def test_dl01_blocking_getitem_names_worker_index_and_stack(monkeypatch):
     assert time.monotonic() - started < 25
     err = info.value
     text = str(err)
-    (stuck,) = [w for w in err.workers if w.get("index") == 9]
-    assert f"pid {stuck['pid']}" in text
+    (stuck,) = [w for w in err.workers if w.index == 9]
+    assert stuck.state == WorkerPhase.FETCHING
+    assert f"pid {stuck.pid}" in text
     assert "fetching dataset index 9" in text
     assert isinstance(err, TimeoutError) and "timed out" in str(err.__cause__)
     # The stack, from py-spy, reaches the blocking line of the dataset.
@@ -96,7 +98,8 @@ def test_dl02_worker_killed_by_signal():
             pass
     text = str(info.value)
     (dead,) = info.value.workers
-    assert f"worker {dead['worker']} (pid {dead['pid']}) killed by signal 9" in text, text
+    assert (dead.state, dead.signal, dead.index) == (WorkerPhase.KILLED, 9, 29)
+    assert f"worker {dead.worker} (pid {dead.pid}) killed by signal 9" in text, text
     assert "SIGKILL" in text and "while fetching dataset index 29" in text, text
     assert isinstance(info.value, RuntimeError)
 

@@ -6,12 +6,12 @@ WORLD_SIZE set (the first progress() call starts the agent from them). Calls pro
 with its sidecar still beating, as a rank stuck in a collective would.
 """
 
-import os
 import sys
 import threading
 import time
 
 from hangkit.agent import current_agent, progress
+from hangkit.files import write_atomic
 
 ADVANCE = 1.5  # long enough for the agent to connect and send beats that show progress
 
@@ -29,9 +29,7 @@ def main() -> int:
     if current_agent() is None:
         print("agent_rank_stops: no agent started (monitor variables missing?)", file=sys.stderr)
         return 1
-    with open(out + ".tmp", "w") as f:
-        f.write(repr(last))
-    os.replace(out + ".tmp", out)  # the reader never sees a half-written file
+    write_atomic(out, repr(last))  # the reader never sees a half-written file
     threading.Event().wait()  # never set: stuck, as in a collective that never returns
     return 0
 

@@ -15,7 +15,7 @@ class ProgressState:
     read by the sidecar. Races between them only ever cost a moment of staleness."""
 
     __slots__ = ("calls", "step", "phase", "fields", "collective", "collective_seconds",
-                 "sequences", "error", "extra")
+                 "sequences", "error", "workers", "extra")
 
     def __init__(self):
         self.calls = 0
@@ -27,7 +27,8 @@ class ProgressState:
         self.collective_seconds = 0.0
         self.sequences: dict = {}
         self.error: str | None = None
-        # Structured state other parts publish with the beats (e.g. "dataloader_workers").
+        self.workers: list = []  # the safe DataLoader's WorkerStates
+        # Structured state the user's own code publishes with the beats.
         self.extra: dict = {}
 
 
@@ -55,11 +56,25 @@ def progress(step=None, phase=None, **fields) -> None:
 
 
 def publish(name: str, value) -> None:
-    """Publishes structured state with this rank's next beats (JSON-able: dicts, lists,
-    numbers, strings), such as the safe DataLoader's worker states. Never raises."""
+    """Publishes structured state of your own with this rank's next beats (JSON-able: dicts,
+    lists, numbers, strings); the monitor shows it as the rank's `extra`. Never raises."""
     state.extra[name] = value
     if not _autostart_done:
         _autostart()
+
+
+def publish_workers(workers: list) -> None:
+    """The rank's DataLoader workers (hangkit.records.WorkerState), sent with its next beats:
+    the safe DataLoader calls this. Never raises."""
+    state.workers = list(workers)
+    if not _autostart_done:
+        _autostart()
+
+
+def skip_autostart() -> None:
+    """The agent was started by hand (start_agent): progress() need not look for one."""
+    global _autostart_done
+    _autostart_done = True
 
 
 def _autostart() -> None:
@@ -75,10 +90,5 @@ def _autostart() -> None:
         logging.getLogger(__name__).debug("agent did not start", exc_info=True)
 
 
-def _reset_in_child() -> None:
-    """A forked child (a DataLoader worker) is not the rank: it must not report as one."""
-    global _autostart_done
-    _autostart_done = True
-
-
-os.register_at_fork(after_in_child=_reset_in_child)
+# A forked child (a DataLoader worker) is not the rank: it must not report as one.
+os.register_at_fork(after_in_child=skip_autostart)

@@ -137,7 +137,7 @@ class Agent:
             collective=collective, collective_seconds=round(s.collective_seconds, 4),
             dump_file=self.fault_dump.path, dump_signal=self.fault_dump.signum,
             main_ident=threading.main_thread().ident, error=s.error,
-            extra=dict(s.extra), sent_at=time.time())
+            workers=list(s.workers), extra=dict(s.extra), sent_at=time.time())
 
     def _answer_requests(self) -> None:
         zmq = self._zmq
@@ -189,7 +189,7 @@ def start_agent(address: str | None = None, key: str | None = None, *, rank: int
             _agent = Agent(address, key, rank=rank, world_size=world_size).start()
         except Exception as e:  # zmq.ZMQError: an address zmq cannot parse
             raise UsageError(f"cannot report to the monitor at {address!r}: {e}") from e
-        beacon._autostart_done = True
+        beacon.skip_autostart()
         atexit.register(stop_agent)
         _chain_excepthook()
         return _agent

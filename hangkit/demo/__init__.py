@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hangkit.errors import HangkitError
+from hangkit.errors import HangkitError, UsageError
 from hangkit.launcher import find_mpiexec, free_port
 from hangkit.monitor.watch import HANG_EXIT, WatchOptions, say, watch
 
@@ -28,7 +28,7 @@ def run_demo(*, ranks: int = 4, timeout: float = 10.0) -> int:
         raise HangkitError("the demo trains with torch, which is not installed",
                            hint="pip install 'hangkit[torch]'") from None
     if ranks <= WANDERING_RANK:
-        raise HangkitError(f"--ranks must be at least {WANDERING_RANK + 1}, got {ranks}")
+        raise UsageError(f"ranks must be at least {WANDERING_RANK + 1}, got {ranks}")
     workdir = tempfile.mkdtemp(prefix="hk-demo-")
     report_dir = Path.cwd() / "hangkit-demo-report"
     shutil.rmtree(report_dir, ignore_errors=True)

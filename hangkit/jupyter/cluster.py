@@ -23,14 +23,15 @@ import math
 import os
 import re
 import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from hangkit import deadline
+from hangkit.agent import engine
 from hangkit.errors import HangkitError, UsageError
-from hangkit.jupyter import engine_side
 from hangkit.records import Diagnosis, ProbeResult, TreeNode
+from hangkit.text import ranks_phrase
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,9 @@ class RankTasks:
 
     def wait(self, timeout: float) -> bool:
         """Waits until every rank's task ended or `timeout` passed; True if all ended."""
-        deadline = time.monotonic() + timeout
+        ends_at = time.monotonic() + timeout
         for ar in self.results.values():
-            left = deadline - time.monotonic()
+            left = ends_at - time.monotonic()
             if left <= 0:
                 break
             ar.wait(left)
@@ -95,14 +96,8 @@ class RankTasks:
         by_state: dict[str, list[int]] = {}
         for rank, state in sorted(self.states().items()):
             by_state.setdefault(state, []).append(rank)
-        parts = [f"{_ranks(r)} {s}" for s, r in by_state.items()]
+        parts = [f"{ranks_phrase(r)} {s}" for s, r in by_state.items()]
         return f"<{self.what}: {'; '.join(parts)}; {time.monotonic() - self.started:.0f} s>"
-
-
-def _ranks(ranks: list[int]) -> str:
-    from hangkit.monitor.merge import format_ranks
-
-    return ("rank " if len(ranks) == 1 else "ranks ") + format_ranks(ranks)
 
 
 def _remote_traceback(e: BaseException) -> str:
@@ -129,7 +124,7 @@ class EngineCluster:
         self.environ = dict(os.environ if environ is None else environ)
         self.monitor = None
         self.client = None
-        self.engines: dict[int, dict] = {}  # rank -> engine_side.info()
+        self.engines: dict[int, dict] = {}  # rank -> engine.info()
         self._ipp = None
         self._live = None
         self.latest: RankTasks | None = None  # the task interrupt() watches
@@ -171,31 +166,19 @@ class EngineCluster:
                                 controller_ip=self.bind or "127.0.0.1",
                                 log_level=logging.WARNING)
         # start_and_connect_sync waits engine_timeout for registration, but starting the
-        # controller has no deadline of its own.
-        self.client = self._within_deadline(
-            self._ipp.start_and_connect_sync,
-            f"{self.n} MPI engines did not start and register within {self.start_timeout:g} s")
-
-    def _within_deadline(self, start: Callable, failure: str):
-        """start() in a thread, given start_timeout (and 10 s more for ipyparallel's own
-        teardown of a failed try); ClusterStartError with the engines' output otherwise."""
-        outcome: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                outcome["value"] = start()
-            except BaseException as e:
-                outcome["error"] = e
-
-        thread = threading.Thread(target=run, daemon=True, name="hangkit-cluster-start")
-        thread.start()
-        thread.join(self.start_timeout + 10)
-        if "value" in outcome:
-            return outcome["value"]
-        why = (f"{type(outcome['error']).__name__}: {outcome['error']}"
-               if "error" in outcome else "no answer")
-        raise ClusterStartError(f"{failure} ({why}); their output:\n{self._engine_output()}",
-                                hint="run `hangkit doctor --only mpi` in the same environment")
+        # controller has no deadline of its own: the whole start gets one here.
+        failure = (f"{self.n} MPI engines did not start and register within "
+                   f"{self.start_timeout:g} s")
+        try:
+            # 10 s more than ipyparallel's own engine_timeout, for its teardown of a failed try.
+            self.client = deadline.call(self._ipp.start_and_connect_sync,
+                                        timeout=self.start_timeout + 10, name="cluster start")
+        except Exception as e:
+            why = "no answer" if isinstance(e, deadline.DeadlineExceeded) else \
+                f"{type(e).__name__}: {e}"
+            raise ClusterStartError(f"{failure} ({why}); their output:\n{self._engine_output()}",
+                                    hint="run `hangkit doctor --only mpi` in the same "
+                                    "environment") from e
 
     def _engine_output(self) -> str:
         lines: list[str] = []
@@ -207,16 +190,16 @@ class EngineCluster:
 
     def _install_agents(self) -> None:
         view = self.client[:]
-        infos = view.apply_async(engine_side.info).get(timeout=CALL_TIMEOUT)
+        infos = view.apply_async(engine.info).get(timeout=CALL_TIMEOUT)
         self.engines = {eid: info for eid, info in zip(view.targets, infos)}
         wrong = {eid: i["rank"] for eid, i in self.engines.items() if i["rank"] != eid}
         if wrong:
             raise ClusterStartError(f"engine ids are not MPI ranks: {wrong}")
-        view.apply_async(engine_side.start_agent, self.monitor.address,
+        view.apply_async(engine.start_agent, self.monitor.address,
                          self.monitor.key).get(timeout=CALL_TIMEOUT)
-        deadline = time.monotonic() + CALL_TIMEOUT
+        ends_at = time.monotonic() + CALL_TIMEOUT
         while len(self.monitor.statuses()) < self.n:  # the agents' first beats
-            if time.monotonic() > deadline:
+            if time.monotonic() > ends_at:
                 raise ClusterStartError(f"only {len(self.monitor.statuses())} of {self.n} "
                                         "engines' agents reached the monitor at "
                                         f"{self.monitor.address}")
@@ -303,7 +286,7 @@ class EngineCluster:
               **kwargs) -> RankTasks:
         """Builds a StepRunner on every engine with ``build(*args, **kwargs)``; waits up to
         `setup_timeout` (distributed init is in there) and returns the tasks either way."""
-        tasks = self.apply(engine_side.setup, build, *args, what="setup", **kwargs)
+        tasks = self.apply(engine.setup, build, *args, what="setup", **kwargs)
         tasks.wait(setup_timeout)
         return tasks
 
@@ -311,18 +294,25 @@ class EngineCluster:
         """Runs n more training steps on every engine (None: to the end); returns at once."""
         if n is not None and n < 1:
             raise UsageError(f"steps must be at least 1, got {n}")
-        return self.apply(engine_side.run_steps, n, what=f"steps({n})")
+        return self.apply(engine.run_steps, n, what=f"steps({n})")
+
+    def failures(self, timeout: float = CALL_TIMEOUT) -> dict[int, list[str]]:
+        """Every rank's tracebacks of the epochs its StepRunner failed (and went on after),
+        oldest first; waits up to `timeout` seconds for the engines to answer."""
+        tasks = self.apply(engine.failures, what="failures")
+        tasks.wait(timeout)
+        return tasks.values()
 
     def histories(self, timeout: float = CALL_TIMEOUT) -> dict[int, list[dict]]:
         """Every rank's per-step phase timings (for hangkit.jupyter.plots)."""
-        tasks = self.apply(engine_side.history, what="history")
+        tasks = self.apply(engine.history, what="history")
         tasks.wait(timeout)
         return tasks.values()
 
     def doctor(self, only=None, *, timeout: float = 30.0, path: str = ".") -> RankTasks:
         """The doctor's probes on n ranks, started from engine 0 (the engines' nodes and
         environment); returns at once. `doctor_results(task)` gives the ProbeResults."""
-        results = {0: self.client[0].apply_async(engine_side.run_doctor, only, self.n,
+        results = {0: self.client[0].apply_async(engine.run_doctor, only, self.n,
                                                  timeout, path)}
         return RankTasks("doctor", results)
 
@@ -361,6 +351,11 @@ class EngineCluster:
             self.client.send_signal(signal.Signals(sig).name, targets=remote, block=False)
 
     # -- the dashboard ------------------------------------------------------------------------
+
+    @property
+    def live(self):
+        """The LiveDashboard shown by dashboard(), or None."""
+        return self._live
 
     def dashboard(self, total_steps: int | None = None, *, interval: float = 1.0):
         """The live dashboard of this cluster, displayed and updated about once a second from

@@ -1,7 +1,8 @@
 """The live dashboard: one row per rank, its DataLoader workers, stall events, errors, and the
-merged stacks on demand. Stock ipywidgets only, and a pure function of RankStatus records.
+merged stacks on demand. Stock ipywidgets only, and a pure function of RankStatus records:
+every value it shows is worded by dashboard_format, which its text mode prints too.
 
-    dash = Dashboard(total_steps=1000, on_capture=cluster.capture_stacks)
+    dash = Dashboard(total_steps=1000, on_capture=cluster.stacks)
     dash.show()
     dash.update(monitor.statuses(), detector.step(now))   # as often as you like
 
@@ -21,73 +22,45 @@ from collections.abc import Callable, Iterable, Sequence
 import ipywidgets as widgets
 from IPython.display import display
 
+from hangkit.jupyter.dashboard_format import (
+    RowText,
+    by_rank,
+    count_text,
+    error_texts,
+    event_lines,
+    format_duration,
+    header_counts,
+    rank_key,
+    ranks_title,
+    render_text,
+    row_text,
+    state_of,
+    steps_total,
+)
 from hangkit.jupyter.display import has_frontend
 from hangkit.monitor.merge import render_tree
-from hangkit.monitor.report import render_workers
-from hangkit.records import Diagnosis, RankStatus, StallEvent, TreeNode
+from hangkit.records import Diagnosis, RankState, RankStatus, StallEvent, TreeNode
 
 log = logging.getLogger(__name__)
 
-STATES = ("running", "idle", "waiting", "slow", "stalled", "dead", "errored", "finished")
 COLOURS = {
-    "running": "#2e7d32",  # green
-    "idle": "#78909c",  # grey-blue: an engine between cells, not working by intent
-    "waiting": "#f9a825",  # amber: stopped inside a collective, waiting for its peers
-    "slow": "#ef6c00",  # orange: a straggler
-    "stalled": "#c62828",  # red: stopped outside any collective, where a hang usually starts
-    "dead": "#424242",  # near black
-    "errored": "#6a1b9a",  # purple
-    "finished": "#1565c0",  # blue
+    RankState.RUNNING: "#2e7d32",  # green
+    RankState.IDLE: "#78909c",  # grey-blue: an engine between cells, not working by intent
+    RankState.WAITING: "#f9a825",  # amber: stopped inside a collective, waiting for its peers
+    RankState.SLOW: "#ef6c00",  # orange: a straggler
+    RankState.STALLED: "#c62828",  # red: stopped outside any collective, where hangs start
+    RankState.DEAD: "#424242",  # near black
+    RankState.ERRORED: "#6a1b9a",  # purple
+    RankState.FINISHED: "#1565c0",  # blue
 }
-TEXT_COLOURS = {"waiting": "black"}  # white on the others
+TEXT_COLOURS = {RankState.WAITING: "black"}  # white on the others; amber is too light for it
 BAR_STYLES = {
-    "running": "success", "idle": "", "finished": "info", "waiting": "warning", "slow": "warning",
-    "stalled": "danger", "dead": "danger", "errored": "danger",
+    RankState.RUNNING: "success", RankState.IDLE: "", RankState.FINISHED: "info",
+    RankState.WAITING: "warning", RankState.SLOW: "warning",
+    RankState.STALLED: "danger", RankState.DEAD: "danger", RankState.ERRORED: "danger",
 }
 
-EVENTS_SHOWN = 20
-_ALIVE = ("starting", "idle", "fetching")
 _EVENTS_KEPT = 200
-
-
-def state_of(status: RankStatus) -> str:
-    """The dashboard's state for a rank: the monitor's status, with an error taking precedence
-    over "finished"; a status this version does not know reads as errored or running."""
-    if status.status in COLOURS:
-        return "errored" if status.status == "finished" and status.error else status.status
-    return "errored" if status.error else "running"
-
-
-def _seconds(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if x < 100:
-        return f"{x:.1f} s"
-    if x < 3600:
-        return f"{int(x) // 60}m{int(x) % 60:02d}s"
-    return f"{int(x) // 3600}h{int(x) % 3600 // 60:02d}m"
-
-
-def _collective(status: RankStatus) -> str:
-    c = status.collective
-    if c is None:
-        return ""
-    return f"{c.describe()} (inside {_seconds(c.seconds)})" if c.inside \
-        else f"{c.describe()} (not inside)"
-
-
-def _order(status: RankStatus) -> tuple:
-    return (status.rank is None, status.rank if status.rank is not None else status.pid)
-
-
-def _key(rank: int | str) -> str:
-    return rank if isinstance(rank, str) else f"rank {rank}"
-
-
-def _key_order(key: str) -> tuple:
-    # "rank 2" before "rank 10", and both before "pid 1234"
-    kind, _, number = key.partition(" ")
-    return (kind != "rank", int(number) if number.isdigit() else 0, key)
 
 
 def _set(obj, name: str, value) -> None:
@@ -97,13 +70,9 @@ def _set(obj, name: str, value) -> None:
 
 
 def _worker_digest(status: RankStatus) -> tuple:
-    # Workers flip between idle and fetching on every batch; only their pids and any other
-    # state (exited, killed by a signal) are news in text mode.
-    workers = status.extra.get("dataloader_workers")
-    if not isinstance(workers, list):
-        return ()
-    return tuple((w.get("pid"), w.get("state") if w.get("state") not in _ALIVE else "alive")
-                 for w in workers if isinstance(w, dict))
+    # Workers flip between idle and fetching on every batch; only their pids and their ends
+    # (exited, killed by a signal) are news in text mode.
+    return tuple((w.pid, "alive" if w.state.alive else w.state) for w in status.workers)
 
 
 def _pre(lines: Iterable[str]) -> str:
@@ -135,32 +104,30 @@ class _Row:
             self.workers,
         ])
 
-    def render(self, status: RankStatus, state: str, total: int) -> None:
-        _set(self.key, "value", status.key)
-        _set(self.key, "tooltip", f"pid {status.pid} on {status.host}")
-        step = status.step if status.step is not None else 0
-        _set(self.bar, "max", max(total, 1))
-        _set(self.bar, "value", min(max(step, 0), self.bar.max))
-        _set(self.bar, "bar_style", BAR_STYLES[state])
-        _set(self.step, "value", "-" if status.step is None else f"{status.step}/{total}")
-        _set(self.state, "value", state)
-        _set(self.state.style, "background", COLOURS[state])
-        _set(self.state.style, "text_color", TEXT_COLOURS.get(state, "white"))
-        _set(self.phase, "value", status.phase or "")
-        _set(self.phase_time, "value", _seconds(status.phase_seconds) if status.phase else "")
-        _set(self.beat, "value", f"beat {_seconds(status.beat_age)} ago")
-        _set(self.collective, "value", _collective(status))
-        lines = render_workers(status.extra.get("dataloader_workers"))
-        _set(self.workers, "value", _pre(lines) if lines else "")
-        _set(self.workers.layout, "display", None if lines else "none")
+    def render(self, row: RowText) -> None:
+        _set(self.key, "value", row.key)
+        _set(self.key, "tooltip", row.tooltip)
+        _set(self.bar, "max", row.bar_max)
+        _set(self.bar, "value", row.bar_value)
+        _set(self.bar, "bar_style", BAR_STYLES[row.state])
+        _set(self.step, "value", row.step)
+        _set(self.state, "value", row.state.value)  # a plain str: a Label would keep the enum
+        _set(self.state.style, "background", COLOURS[row.state])
+        _set(self.state.style, "text_color", TEXT_COLOURS.get(row.state, "white"))
+        _set(self.phase, "value", row.phase)
+        _set(self.phase_time, "value", row.phase_time)
+        _set(self.beat, "value", row.beat)
+        _set(self.collective, "value", row.collective)
+        _set(self.workers, "value", _pre(row.workers) if row.workers else "")
+        _set(self.workers.layout, "display", None if row.workers else "none")
 
 
 class Dashboard:
     """Per-rank progress, DataLoader workers, stall events, errors and merged stacks.
 
-    `on_capture()` is called by the "Capture stacks" button; it returns (tree or None,
-    diagnoses), which the dashboard shows. `clock` paces the throttling (inject a fake one
-    in tests).
+    `on_capture()` is called by the "Capture stacks" button (EngineCluster.stacks, say); it
+    returns (tree or None, diagnoses), which the dashboard shows. `clock` paces the
+    throttling (inject a fake one in tests).
     """
 
     def __init__(self, total_steps: int | None = None, *, min_interval: float = 1.0,
@@ -252,7 +219,7 @@ class Dashboard:
 
     def show_error(self, rank: int | str, text: str) -> None:
         """Shows a rank's traceback (or any error text) in the errors area."""
-        self.errors[_key(rank)] = text
+        self.errors[rank_key(rank)] = text
         self._render_errors()
         self._print_if_changed()
 
@@ -282,7 +249,7 @@ class Dashboard:
             self.capture_button.disabled = False
             self.capture_button.description = "Capture stacks"
         self.show_stacks(tree, diagnoses,
-                         note=f"captured in {_seconds(self.clock() - started)}")
+                         note=f"captured in {format_duration(self.clock() - started)}")
         return tree, list(diagnoses)
 
     # -- showing it ------------------------------------------------------------------------
@@ -302,27 +269,8 @@ class Dashboard:
 
     def text(self) -> str:
         """Everything the widget shows, as plain text."""
-        lines = [self._header_text()]
-        total = self._total()
-        for s in sorted(self.statuses, key=_order):
-            lines.append(self._rank_line(s, total))
-            lines += ["    " + w for w in render_workers(s.extra.get("dataloader_workers"))]
-        if self.events:
-            lines += ["Events (latest first):"] + ["  " + t for t in self._event_lines()]
-        errors = self._error_texts()
-        if errors:
-            lines.append("Errors:")
-            for key, text in errors.items():
-                lines.append(f"  {key}:")
-                lines += ["    " + t for t in text.rstrip().splitlines()]
-        if self.tree is not None or self.diagnoses or self.stacks_note:
-            lines.append("Stacks" + (f" ({self.stacks_note})" if self.stacks_note else "") + ":")
-            lines += ["  " + t for t in (render_tree(self.tree) if self.tree else [])]
-            if self.diagnoses:
-                lines.append("Diagnosis:")
-                for d in self.diagnoses:
-                    lines += [f"  [{d.kind}] {d.summary}", f"      advice: {d.advice}"]
-        return "\n".join(lines)
+        return render_text(self.statuses, self._total(), events=self.events, errors=self.errors,
+                           tree=self.tree, diagnoses=self.diagnoses, note=self.stacks_note)
 
     # -- rendering -------------------------------------------------------------------------
 
@@ -334,9 +282,9 @@ class Dashboard:
             row = self.rows.get(s.key)
             if row is None:
                 row = self.rows[s.key] = _Row(self._layouts)
-            row.render(s, state_of(s), total)
+            row.render(row_text(s, total))
         # A rank's row is kept once built; only the ranks in the latest statuses are shown.
-        keys = tuple(s.key for s in sorted(self.statuses, key=_order))
+        keys = tuple(s.key for s in by_rank(self.statuses))
         if keys != self._shown_keys:
             self._shown_keys = keys
             self._rows_box.children = tuple(self.rows[k].box for k in keys)
@@ -346,57 +294,22 @@ class Dashboard:
         self._print_if_changed()
 
     def _total(self) -> int:
-        # Without a known total the bars compare ranks against the one furthest ahead.
-        if self.total_steps:
-            return self.total_steps
-        return max((s.step for s in self.statuses if s.step is not None), default=0)
-
-    def _counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for s in self.statuses:
-            state = state_of(s)
-            counts[state] = counts.get(state, 0) + 1
-        return {state: counts[state] for state in STATES if state in counts}
-
-    def _header_text(self) -> str:
-        n = len(self.statuses)
-        counts = ", ".join(f"{c} {state}" for state, c in self._counts().items())
-        return f"{n} rank{'' if n == 1 else 's'}" + (f": {counts}" if counts else "")
+        return steps_total(self.statuses, self.total_steps)
 
     def _render_header(self) -> None:
-        parts = [f"<b>{len(self.statuses)} rank{'' if len(self.statuses) == 1 else 's'}</b>"]
+        parts = [f"<b>{ranks_title(len(self.statuses))}</b>"]
         parts += [f"<span style='background:{COLOURS[state]};"
-                  f"color:{TEXT_COLOURS.get(state, 'white')};padding:0 4px'>{c} {state}</span>"
-                  for state, c in self._counts().items()]
+                  f"color:{TEXT_COLOURS.get(state, 'white')};padding:0 4px'>"
+                  f"{count_text(state, c)}</span>"
+                  for state, c in header_counts(self.statuses)]
         _set(self._header, "value", " ".join(parts))
 
-    def _rank_line(self, s: RankStatus, total: int) -> str:
-        parts = [f"{s.key}: {state_of(s)}",
-                 "no step" if s.step is None else f"step {s.step}/{total}"]
-        if s.phase:
-            parts.append(f"phase {s.phase} for {_seconds(s.phase_seconds)}")
-        parts.append(f"beat {_seconds(s.beat_age)} ago")
-        if s.collective is not None:
-            parts.append(_collective(s))
-        if s.error:
-            parts.append(f"error: {s.error}")
-        return ", ".join(parts) + f" (pid {s.pid} on {s.host})"
-
-    def _event_lines(self) -> list[str]:
-        shown = list(self.events)[-EVENTS_SHOWN:][::-1]
-        return [f"[{e.kind}] {e.summary}"
-                + (f" ({e.case})" if e.case and e.case not in e.summary else "")
-                for e in shown]
-
     def _render_events(self) -> None:
-        lines = self._event_lines()
+        lines = event_lines(self.events)
         _set(self._events, "value", _pre(lines) if lines else "<i>none</i>")
 
     def _error_texts(self) -> dict[str, str]:
-        # A full traceback from show_error() wins over the last line a rank's beat carried.
-        texts = {s.key: s.error for s in self.statuses if s.error}
-        texts.update(self.errors)
-        return {key: texts[key] for key in sorted(texts, key=_key_order)}
+        return error_texts(self.statuses, self.errors)
 
     def _render_errors(self) -> None:
         texts = self._error_texts()

@@ -13,16 +13,10 @@ import signal
 import time
 
 from hangkit.jupyter.livestacks import capture_engines, innermost
-from hangkit.monitor.merge import format_ranks
 from hangkit.monitor.server import pid_alive
+from hangkit.text import ranks_phrase
 
 log = logging.getLogger(__name__)
-
-
-def _who(ranks) -> str:
-    ranks = sorted(ranks)
-    return ("rank " if len(ranks) == 1 else "ranks ") + format_ranks(ranks)
-
 
 def _running(cluster, ranks: list[int]) -> list[int]:
     """The ranks whose latest task is still running and whose engine is still alive (an
@@ -48,6 +42,33 @@ def _wait_for(cluster, ranks: list[int], grace: float) -> list[int]:
     return still
 
 
+def _signal(cluster, sig: int, ranks: list[int], grace: float, say) -> list[int]:
+    """Sends sig to the ranks' engines and waits; says what it achieved; returns those whose
+    task still runs."""
+    cluster.signal(sig, ranks)
+    still = _wait_for(cluster, ranks, grace)
+    ended = sorted(set(ranks) - set(still))
+    name = signal.Signals(sig).name
+    if ended:
+        say(f"{name} to {ranks_phrase(ranks)}: {ranks_phrase(ended)} stopped"
+            + (f"; {ranks_phrase(still)} did not within {grace:g} s" if still else ""))
+    else:
+        say(f"{name} to {ranks_phrase(ranks)}: no effect within {grace:g} s (blocked in C: a "
+            "collective or I/O)")
+    return still
+
+
+def _keep_stacks(cluster, still: list[int], say) -> None:
+    tree, diagnoses = capture_engines(cluster)
+    where = "; ".join(f"{ranks_phrase(set(r) & set(still) or r)} at {f}"
+                      for r, f in innermost(tree)) or "no stacks"
+    say(f"stacks of {ranks_phrase(still)}: {where}")
+    if diagnoses:
+        say(f"diagnosis: {diagnoses[0].summary}")
+    if cluster.live is not None:
+        cluster.live.dashboard.show_stacks(tree, diagnoses, note="captured while interrupting")
+
+
 def escalate(cluster, ranks: list[int], *, grace: float = 3.0) -> list[str]:
     report: list[str] = []
 
@@ -57,33 +78,15 @@ def escalate(cluster, ranks: list[int], *, grace: float = 3.0) -> list[str]:
 
     still = _running(cluster, ranks)
     if not still:
-        say(f"nothing to interrupt: no task is running on {_who(ranks)}")
+        say(f"nothing to interrupt: no task is running on {ranks_phrase(ranks)}")
         return report
-    for sig in (signal.SIGINT, None, signal.SIGTERM, signal.SIGKILL):
-        if sig is None:  # keep the evidence before anything is killed
-            tree, diagnoses = capture_engines(cluster)
-            where = "; ".join(f"{_who(set(r) & set(still)) if set(r) & set(still) else _who(r)}"
-                              f" at {f}" for r, f in innermost(tree)) or "no stacks"
-            say(f"stacks of {_who(still)}: {where}")
-            if diagnoses:
-                say(f"diagnosis: {diagnoses[0].summary}")
-            if cluster._live is not None:
-                cluster._live.dashboard.show_stacks(tree, diagnoses,
-                                                    note="captured while interrupting")
-            continue
-        cluster.signal(sig, still)
-        before = still
-        still = _wait_for(cluster, before, grace)
-        ended = sorted(set(before) - set(still))
-        name = signal.Signals(sig).name
-        if ended:
-            say(f"{name} to {_who(before)}: {_who(ended)} stopped"
-                + (f"; {_who(still)} did not within {grace:g} s" if still else ""))
-        else:
-            say(f"{name} to {_who(before)}: no effect within {grace:g} s (blocked in C: a "
-                "collective or I/O)")
+    still = _signal(cluster, signal.SIGINT, still, grace, say)
+    if still:  # the evidence is kept before anything is killed
+        _keep_stacks(cluster, still, say)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         if not still:
             break
+        still = _signal(cluster, sig, still, grace, say)
     if any(line.startswith(("SIGTERM", "SIGKILL")) for line in report):
         say("engines were ended: an MPI job does not survive losing a rank; "
             "cluster.restart() starts new ones")

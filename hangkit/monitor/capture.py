@@ -1,5 +1,8 @@
 """Capturing a job's processes at one moment: stacks, blocked or busy, syscall, role and rank.
 
+capture_job() is the one way in, for `hangkit watch` and the notebook alike: the ranks' agents
+first, then py-spy for what they could not give.
+
 All py-spy dumps run concurrently and overlap the CPU sampling interval, so capturing many ranks
 costs about as long as the slowest dump, not their sum.
 """
@@ -13,13 +16,39 @@ from dataclasses import dataclass
 
 import psutil
 
-from hangkit.monitor import pyspy
-from hangkit.monitor.procfs import blocked_syscall, kernel_state, rank_from_environ, read_environ
+from hangkit import pyspy
+from hangkit.monitor.agentstacks import gather
 from hangkit.monitor.roles import FETCH_FILE, assign_roles
-from hangkit.records import ProcessSnapshot, ThreadStack
+from hangkit.procfs import blocked_syscall, kernel_state, read_environ
+from hangkit.rankenv import rank_from_environ
+from hangkit.records import ProcessSnapshot, ProcessState, RankStatus, Role, ThreadStack
 
 # A process using more than this share of one core between two samples is busy, not blocked.
 BUSY_CPU_PERCENT = 25.0
+
+
+def capture_job(monitor, ranks: list[RankStatus], pids: list[int]
+                ) -> list[ProcessSnapshot]:
+    """Every process of the job: ranks' stacks from their agents where they answer (and from
+    faulthandler where the GIL is held), everything else from py-spy. Ranks on other nodes
+    come only from their agents."""
+    live = [r.key for r in ranks if not r.status.ended]
+    found = gather(monitor, live)
+    sources = {"agent": "its agent", "faulthandler": "a faulthandler dump"}
+    local = {a.pid: (a.threads, sources[a.source]) for a in found.values()
+             if a.host == monitor.host}
+    snapshots = capture(pids, known=local)
+    ranks_by_pid = {r.pid: r.rank for r in ranks if r.host == monitor.host}
+    for s in snapshots:
+        if s.rank is None:  # e.g. a rank already gone: its environment is unreadable
+            s.rank = ranks_by_pid.get(s.pid)
+    for a in found.values():
+        if a.host != monitor.host:
+            snapshots.append(ProcessSnapshot(
+                pid=a.pid, ppid=None, rank=a.rank, role=Role.RANK, cmdline=[],
+                state=ProcessState.REMOTE,
+                threads=a.threads, note=f"on {a.host}: stacks from {sources[a.source]}"))
+    return snapshots
 
 
 @dataclass
@@ -64,7 +93,7 @@ def capture(pids: list[int], *, known: dict[int, tuple[list[ThreadStack], str]] 
             p.snapshot.threads = result.threads
             p.snapshot.stack_error = result.error
             if result.gone:
-                p.snapshot.state = "exited"
+                p.snapshot.state = ProcessState.EXITED
     snapshots = [p.snapshot for p in pending]
     ranks = {p.snapshot.pid: p.snapshot.rank for p in pending}
     assign_roles(snapshots, ranks)
@@ -77,7 +106,7 @@ def _read_worker_indices(snapshots: list[ProcessSnapshot], *, timeout: float) ->
 
     Only workers inside the fetcher are dumped again, so an idle job pays nothing for it.
     """
-    fetching = [s for s in snapshots if s.role == "dataloader-worker" and any(
+    fetching = [s for s in snapshots if s.role == Role.DATALOADER_WORKER and any(
         f.file.endswith(FETCH_FILE) for t in s.threads for f in t.frames)]
     dumps = [(s, pyspy.start_dump(s.pid, native=False, with_locals=True)) for s in fetching]
     deadline = time.monotonic() + timeout
@@ -89,8 +118,8 @@ def _read_worker_indices(snapshots: list[ProcessSnapshot], *, timeout: float) ->
 
 
 def _start(pid: int) -> _Pending:
-    snap = ProcessSnapshot(pid=pid, ppid=None, rank=None, role="other", cmdline=[],
-                           state="unreadable")
+    snap = ProcessSnapshot(pid=pid, ppid=None, rank=None, role=Role.OTHER, cmdline=[],
+                           state=ProcessState.UNREADABLE)
     try:
         proc = psutil.Process(pid)
         with proc.oneshot():
@@ -101,7 +130,7 @@ def _start(pid: int) -> _Pending:
         snap.session_id = _session(pid)
         return _Pending(snap, proc, times.user + times.system)
     except psutil.NoSuchProcess:
-        snap.state, snap.note = "exited", "exited before capture"
+        snap.state, snap.note = ProcessState.EXITED, "exited before capture"
     except psutil.AccessDenied as e:
         snap.note = f"not readable: {e}"
     return _Pending(snap, None, None)
@@ -114,16 +143,17 @@ def _finish_cpu(p: _Pending, wall: float) -> None:
     try:
         times = p.proc.cpu_times()
         if p.proc.status() == psutil.STATUS_ZOMBIE:
-            s.state, s.note = "exited", "exited during capture (zombie)"
+            s.state, s.note = ProcessState.EXITED, "exited during capture (zombie)"
             return
     except psutil.NoSuchProcess:
-        s.state, s.note = "exited", "exited during capture"
+        s.state, s.note = ProcessState.EXITED, "exited during capture"
         return
     except psutil.AccessDenied as e:
         s.note = f"not readable: {e}"
         return
     s.cpu_percent = round(100.0 * (times.user + times.system - p.cpu_before) / wall, 1)
-    s.state = "busy" if s.cpu_percent >= BUSY_CPU_PERCENT else "blocked"
+    s.state = (ProcessState.BUSY if s.cpu_percent >= BUSY_CPU_PERCENT
+               else ProcessState.BLOCKED)
     s.kernel_state = kernel_state(s.pid)
     s.syscall = blocked_syscall(s.pid)
 

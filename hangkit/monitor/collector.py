@@ -8,7 +8,7 @@ import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 
-from hangkit.records import Beat, RankStatus
+from hangkit.records import Beat, RankState, RankStatus
 
 # Step rates and work per step are measured over the beats of this many recent seconds.
 WINDOW = 10.0
@@ -108,7 +108,7 @@ class Collector:
                 since_progress=round(since, 3), beat_age=round(beat_age, 3),
                 step_rate=_round(measured[track.key][0]), collective=collective,
                 straggler_score=_round(scores.get(track.key)), fields=dict(beat.fields),
-                error=beat.error, extra=dict(beat.extra)))
+                error=beat.error, workers=list(beat.workers), extra=dict(beat.extra)))
         return out
 
     def straggler_scores(self, measured: dict[str, tuple]) -> dict[str, float]:
@@ -149,19 +149,20 @@ IDLE_PHASE = "idle"
 
 
 def _status(track: Track, beat_age: float, since: float, score: float | None,
-            stall_after: float, dead_after: float, slow_score: float) -> str:
+            stall_after: float, dead_after: float, slow_score: float) -> RankState:
     if track.finished:
-        return "errored" if track.beat.error else "finished"
+        return RankState.ERRORED if track.beat.error else RankState.FINISHED
     if track.gone or beat_age >= dead_after:
-        return "dead"
+        return RankState.DEAD
     if track.beat.phase == IDLE_PHASE:
-        return "idle"
+        return RankState.IDLE
     if since >= stall_after:
         collective = track.beat.collective
-        return "waiting" if collective is not None and collective.inside else "stalled"
+        inside = collective is not None and collective.inside
+        return RankState.WAITING if inside else RankState.STALLED
     if score is not None and score >= slow_score:
-        return "slow"
-    return "running"
+        return RankState.SLOW
+    return RankState.RUNNING
 
 
 def _order(track: Track):

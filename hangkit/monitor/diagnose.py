@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from hangkit.monitor.collectives import Collective, collective_of
-from hangkit.monitor.merge import rank_processes, who
+from hangkit.monitor.merge import rank_processes
 from hangkit.monitor.roles import FETCH_FILE
 from hangkit.monitor.stacks import (
     bare_name,
@@ -20,7 +20,8 @@ from hangkit.monitor.stacks import (
     source_line,
     where,
 )
-from hangkit.records import Diagnosis, ProcessSnapshot, StallEvent
+from hangkit.records import Diagnosis, ProcessSnapshot, ProcessState, Role, StallEvent
+from hangkit.text import who
 
 ADVICE = {
     "TD-01": ("Every rank must call the same collectives in the same order. Move rank-only work "
@@ -113,7 +114,8 @@ def from_events(events: list[StallEvent]) -> list[Diagnosis]:
 
 
 def _live(processes: list[ProcessSnapshot]) -> list[ProcessSnapshot]:
-    return [p for p in processes if p.state in ("blocked", "busy") and p.main_thread]
+    return [p for p in processes
+            if p.state in (ProcessState.BLOCKED, ProcessState.BUSY) and p.main_thread]
 
 
 def _state_words(p: ProcessSnapshot) -> str:
@@ -152,7 +154,7 @@ def collective_split(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
     if outside:
         op, waiting = max(by_op.items(), key=lambda kv: len(kv[1]))
         spin = " (MPI busy-polls while it waits: high CPU here is waiting, not work)" if (
-            family == "mpi" and any(p.state == "busy" for p in waiting)) else ""
+            family == "mpi" and any(p.state == ProcessState.BUSY for p in waiting)) else ""
         odd = "; ".join(f"{p.label} is in {main_location(p)} ({_state_words(p)})"
                         for p in outside)
         found.append(Diagnosis(
@@ -180,7 +182,7 @@ def _site(c: Collective) -> str:
 
 def rendezvous(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
     """TD-05: ranks waiting inside process-group initialisation."""
-    stuck = [p for p in _live(processes) if p.role == "rank" and any(
+    stuck = [p for p in _live(processes) if p.role == Role.RANK and any(
         bare_name(f) in _RENDEZVOUS_FUNCTIONS and "torch/distributed" in f.file
         for f in p.main_thread.frames)]
     if not stuck:
@@ -242,7 +244,7 @@ def blocking_file_io(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
 def dataloader_worker_stuck(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
     """DL-01: a rank waits for a batch while one of its workers is stuck in dataset code."""
     found = []
-    workers = [p for p in _live(processes) if p.role == "dataloader-worker"]
+    workers = [p for p in _live(processes) if p.role == Role.DATALOADER_WORKER]
     for rank in _live(rank_processes(processes)):
         if not any(bare_name(f) in _DATALOADER_WAIT and "torch/utils/data/dataloader.py" in f.file
                    for f in rank.main_thread.frames):
@@ -280,7 +282,7 @@ def lock_after_fork(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
     found = []
     for p in _live(processes):
         parent = by_pid.get(p.ppid)
-        forked = parent is not None and parent.cmdline == p.cmdline and p.role != "launcher"
+        forked = parent is not None and parent.cmdline == p.cmdline and p.role != Role.LAUNCHER
         if not forked or not _waits_on_lock(p):
             continue
         found.append(Diagnosis(
@@ -293,7 +295,7 @@ def lock_after_fork(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
 
 
 def _waits_on_lock(p: ProcessSnapshot) -> bool:
-    if p.state != "blocked" or (p.syscall is not None and p.syscall.name != "futex"):
+    if p.state != ProcessState.BLOCKED or (p.syscall is not None and p.syscall.name != "futex"):
         return False
     thread = p.main_thread
     if any(bare_name(f) in ("acquire", "_acquireLock") and not f.native
@@ -308,7 +310,7 @@ def busy_rank(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
     """IP-04: a rank burning CPU outside any wait is progressing or looping, not deadlocked."""
     found = []
     for p in _live(rank_processes(processes)):
-        if p.state != "busy" or collective_of(p.main_thread) is not None:
+        if p.state != ProcessState.BUSY or collective_of(p.main_thread) is not None:
             continue
         found.append(Diagnosis(
             kind="IP-04",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+from hangkit.launcher import nodefile_hosts
 from hangkit.redact import redact_environ
 
 _HANG_ENV_PREFIXES = ("WANDB_", "NCCL_", "FI_", "MPICH_", "TORCH_", "MASTER_")
@@ -36,7 +37,6 @@ def _nodefile_hosts(path: str | None) -> list[str]:
     if not path:
         return []
     try:
-        with open(path) as f:
-            return [line.strip() for line in f if line.strip()]
-    except OSError:
+        return nodefile_hosts(path)
+    except OSError:  # a report is written whatever the node file does
         return []

@@ -16,7 +16,7 @@ import os
 
 import psutil
 
-from hangkit.monitor.procfs import read_environ
+from hangkit.procfs import read_environ
 
 log = logging.getLogger(__name__)
 

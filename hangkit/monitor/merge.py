@@ -9,11 +9,12 @@ from hangkit.monitor.stacks import (
     main_location,
     tree_frames,
 )
-from hangkit.records import Frame, ProcessSnapshot, StackGroup, TreeNode
+from hangkit.records import Frame, ProcessSnapshot, Role, StackGroup, TreeNode
+from hangkit.text import who
 
 
 def rank_processes(processes: list[ProcessSnapshot]) -> list[ProcessSnapshot]:
-    return [p for p in processes if p.role == "rank"]
+    return [p for p in processes if p.role == Role.RANK]
 
 
 def groups(processes: list[ProcessSnapshot]) -> list[StackGroup]:
@@ -73,28 +74,6 @@ class _Building:
         self.node.ranks = sorted(self.ranks)
         self.node.children = [c.finish() for c in self.children.values()]
         return self.node
-
-
-def format_ranks(ranks: list[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7,8'."""
-    parts, ranks = [], sorted(set(ranks))
-    i = 0
-    while i < len(ranks):
-        j = i
-        while j + 1 < len(ranks) and ranks[j + 1] == ranks[j] + 1:
-            j += 1
-        if j - i >= 2:
-            parts.append(f"{ranks[i]}-{ranks[j]}")
-        else:
-            parts.extend(str(r) for r in ranks[i:j + 1])
-        i = j + 1
-    return ",".join(parts)
-
-
-def who(ranks: list[int], pids: list[int]) -> str:
-    if ranks:
-        return ("rank " if len(ranks) == 1 else "ranks ") + format_ranks(ranks)
-    return ("pid " if len(pids) == 1 else "pids ") + ",".join(map(str, sorted(pids)))
 
 
 def render_tree(root: TreeNode) -> list[str]:

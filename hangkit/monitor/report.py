@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import time
 from pathlib import Path
 
+from hangkit.files import private_directory, write_atomic
 from hangkit.monitor.diagnose import diagnose
-from hangkit.monitor.merge import groups, merged_tree, render_tree, who
+from hangkit.monitor.merge import groups, merged_tree, render_tree
 from hangkit.monitor.stacks import frame_text
-from hangkit.records import HangReport, ProcessSnapshot, RankStatus, StallEvent
+from hangkit.records import HangReport, ProcessSnapshot, RankStatus, Role, StallEvent, WorkerState
 from hangkit.redact import redact_argv, redact_text
+from hangkit.text import iso_time, who
 
 JSON_NAME = "hang-report.json"
 MD_NAME = "hang-report.md"
@@ -22,23 +23,20 @@ def build_report(*, reason: str, command: list[str], idle_seconds: float,
                  detector: str = "output", started_at: float | None = None,
                  capture_seconds: float | None = None, ranks: list[RankStatus] = (),
                  events: list[StallEvent] = ()) -> HangReport:
-    for p in processes:
-        p.cmdline = redact_argv(p.cmdline)
+    """The report of one capture. The snapshots given are not changed: the report holds
+    copies with their command lines redacted."""
+    processes = [dataclasses.replace(p, cmdline=redact_argv(p.cmdline)) for p in processes]
     context = dict(context)
-    context["ranks_on_this_node"] = sum(1 for p in processes if p.role == "rank")
+    context["ranks_on_this_node"] = sum(1 for p in processes if p.role == Role.RANK)
     return HangReport(
         hang=True, reason=reason, command=redact_argv(list(command)),
         idle_seconds=round(idle_seconds, 1), detector=detector,
-        started_at=_iso(started_at) if started_at else None, captured_at=_iso(time.time()),
+        started_at=iso_time(started_at) if started_at else None, captured_at=iso_time(),
         capture_seconds=round(capture_seconds, 2) if capture_seconds is not None else None,
         processes=processes, groups=groups(processes), tree=merged_tree(processes),
         diagnosis=diagnose(processes, list(events)),
         last_lines=[redact_text(line) for line in last_lines], context=context,
         ranks=list(ranks), events=list(events))
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
 
 
 def render_summary(report: HangReport) -> list[str]:
@@ -88,26 +86,14 @@ def render_ranks(report: HangReport) -> list[str]:
         if r.error:
             parts.append(f"error: {r.error}")
         lines.append(", ".join(parts) + f" (pid {r.pid} on {r.host})")
-        lines += [f"    {w}" for w in render_workers(r.extra.get("dataloader_workers"))]
+        lines += [f"    {w}" for w in render_workers(r.workers)]
     lines += [f"[{e.kind}] {e.summary}" for e in report.events]
     return lines
 
 
-def render_workers(workers) -> list[str]:
+def render_workers(workers: list[WorkerState]) -> list[str]:
     """A rank's DataLoader workers as its safe DataLoader last published them."""
-    if not isinstance(workers, list):
-        return []
-    lines = []
-    for w in workers:
-        if not isinstance(w, dict):
-            continue
-        line = f"DataLoader worker {w.get('worker')} (pid {w.get('pid')}): {w.get('state')}"
-        if w.get("index") is not None:
-            line += f" index {w['index']}"
-            if w.get("seconds") is not None:
-                line += f" for {w['seconds']:.1f} s"
-        lines.append(line)
-    return lines
+    return [f"DataLoader {w.describe()}" for w in workers]
 
 
 def render_markdown(report: HangReport) -> str:
@@ -167,18 +153,8 @@ def _process_markdown(p: ProcessSnapshot) -> list[str]:
 
 def write_report(report: HangReport, directory: Path) -> tuple[Path, Path]:
     """Writes both files, 0600 inside a 0700 directory: stacks and environments can hold secrets."""
-    created = not directory.exists()
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if created:
-        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+    directory = private_directory(directory)
     json_path, md_path = directory / JSON_NAME, directory / MD_NAME
-    _write_private(json_path, json.dumps(report.to_json(), indent=2) + "\n")
-    _write_private(md_path, render_markdown(report))
+    write_atomic(json_path, json.dumps(report.to_json(), indent=2) + "\n", mode=0o600)
+    write_atomic(md_path, render_markdown(report), mode=0o600)
     return json_path, md_path
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
-    with os.fdopen(fd, "w") as f:
-        f.write(text)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from hangkit.monitor.stacks import bare_name
-from hangkit.records import ProcessSnapshot
+from hangkit.records import ProcessSnapshot, Role
 
 # mpiexec and its helpers, schedulers' launchers, and the shells and wrappers between them.
 LAUNCHER_NAMES = frozenset({
@@ -73,19 +73,19 @@ def assign_roles(snapshots: list[ProcessSnapshot], ranks: dict[int, int | None])
     for s in snapshots:
         s.rank = ranks.get(s.pid)
         if is_launcher(s.cmdline):
-            s.role = "launcher"
+            s.role = Role.LAUNCHER
     # Parents before children, so an inherited rank is known when a child is looked at.
     for s in sorted(snapshots, key=lambda s: sum(1 for _ in ancestors(s))):
-        if s.role == "launcher":
+        if s.role == Role.LAUNCHER:
             continue
-        upper = [a for a in ancestors(s) if a.role != "launcher"]
+        upper = [a for a in ancestors(s) if a.role != Role.LAUNCHER]
         if s.rank is not None and all(a.rank != s.rank for a in upper):
-            s.role = "rank"
+            s.role = Role.RANK
         elif s.rank is None and any(d.rank is not None for d in descendants(s)):
-            s.role = "launcher"
+            s.role = Role.LAUNCHER
         elif s.rank is None and not upper:
-            s.role = "rank"
+            s.role = Role.RANK
         else:
-            s.role = "dataloader-worker" if is_dataloader_worker(s) else "other"
+            s.role = Role.DATALOADER_WORKER if is_dataloader_worker(s) else Role.OTHER
             if s.rank is None:
-                s.rank = next((a.rank for a in upper if a.role == "rank"), None)
+                s.rank = next((a.rank for a in upper if a.role == Role.RANK), None)

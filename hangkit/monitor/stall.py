@@ -11,8 +11,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from hangkit.monitor.collector import Collector
-from hangkit.monitor.merge import who
-from hangkit.records import RankStatus, StallEvent
+from hangkit.records import RankState, RankStatus, StallEvent
+from hangkit.text import who
 
 # How much later than a stopped rank another rank must have advanced to count as advancing.
 ADVANCE_MARGIN = 1.0
@@ -54,7 +54,7 @@ class StallDetector:
     def _dead(self, ranks: list[RankStatus], now: float) -> dict:
         out = {}
         for r in ranks:
-            if r.status != "dead":
+            if r.status != RankState.DEAD:
                 continue
             track = self.collector.tracks[r.key]
             why = (f"its process {r.pid} on {r.host} exited" if track.gone
@@ -64,13 +64,14 @@ class StallDetector:
             step = f" at step {r.step}" if r.step is not None else ""
             out[("dead", r.key)] = StallEvent(
                 "dead", f"{r.key} is dead: {why}; last seen{where}{step}",
-                ranks=_ranks([r]), at=now)
+                ranks=_rank_numbers([r]), at=now)
         return out
 
     def _stall(self, ranks: list[RankStatus], now: float) -> dict:
         # Dead ranks are reported by _dead; here they only explain why the others wait.
-        live = [r for r in ranks if r.status not in ("finished", "errored", "dead", "idle")]
-        dead = [r for r in ranks if r.status == "dead"]
+        # An idle rank (an engine between cells) waits by intent: it is never stopped.
+        live = [r for r in ranks if not r.status.ended and r.status != RankState.IDLE]
+        dead = [r for r in ranks if r.status == RankState.DEAD]
         stopped = [r for r in live if r.since_progress >= self.config.stall_after]
         if not stopped:
             return {}
@@ -84,11 +85,11 @@ class StallDetector:
             summary = (f"{_who(stopped)} stopped advancing: {_where_all(stopped)}; "
                        f"{_who(advancing)} {verb}")
             return {("stopped", tuple(r.key for r in stopped)): StallEvent(
-                "stopped", summary, ranks=_ranks(stopped), at=now)}
+                "stopped", summary, ranks=_rank_numbers(stopped), at=now)}
         if len(stopped) < len(live):
             return {}  # the rest stopped too, but not yet for stall_after
-        waiting = [r for r in stopped if r.status == "waiting"]
-        culprits = [r for r in stopped if r.status != "waiting"]
+        waiting = [r for r in stopped if r.status == RankState.WAITING]
+        culprits = [r for r in stopped if r.status != RankState.WAITING]
         parts = []
         if dead:
             parts.append(f"{_who(dead)} {'are' if len(dead) > 1 else 'is'} dead")
@@ -100,14 +101,15 @@ class StallDetector:
         if missing:
             parts.append(f"{who(missing, [])} never reported progress")
         summary = f"no rank advanced for {last_stop:.0f} s: " + "; ".join(parts)
-        blamed = _ranks(dead) or _ranks(culprits) or missing  # a dead rank explains the rest
+        # A dead rank explains the rest.
+        blamed = _rank_numbers(dead) or _rank_numbers(culprits) or missing
         return {("stall",): StallEvent("stall", summary, ranks=blamed, at=now)}
 
     def _desync(self, ranks: list[RankStatus], now: float) -> dict:
         by_comm = defaultdict(list)
         for r in ranks:
             c = r.collective
-            if c is not None and c.inside and r.status not in ("dead", "finished", "errored"):
+            if c is not None and c.inside and not r.status.ended:
                 by_comm[(c.library, c.comm)].append(r)
         out, seen = {}, set()
         for comm, members in by_comm.items():
@@ -124,7 +126,7 @@ class StallDetector:
             summary = "; ".join(f"{_who(g)} {'are' if len(g) > 1 else 'is'} in {c}"
                                 for c, g in ordered)
             out[("desync", signature)] = StallEvent(
-                "desync", summary, ranks=_ranks(ordered[0][1]), at=now,
+                "desync", summary, ranks=_rank_numbers(ordered[0][1]), at=now,
                 case="MP-02" if comm[0] == "mpi" else "TD-02")
         self._desync_since = {k: v for k, v in self._desync_since.items() if k in seen}
         return out
@@ -133,7 +135,7 @@ class StallDetector:
         scores = {r.key: r.straggler_score for r in ranks if r.straggler_score is not None}
         out = {}
         for r in ranks:
-            if r.status != "slow":
+            if r.status != RankState.SLOW:
                 continue
             others = sorted(s for k, s in scores.items() if k != r.key)
             summary = (f"{r.key} is a straggler: {r.straggler_score:.1f}x the other ranks' "
@@ -143,7 +145,7 @@ class StallDetector:
             if others:
                 summary += f"; other ranks score {others[0]:.1f}-{others[-1]:.1f}"
             out[("straggler", r.key)] = StallEvent(
-                "straggler", summary, ranks=_ranks([r]), at=now,
+                "straggler", summary, ranks=_rank_numbers([r]), at=now,
                 scores={k: round(v, 2) for k, v in scores.items()})
         return out
 
@@ -155,12 +157,12 @@ class StallDetector:
         return [r for r in range(size) if r not in seen]
 
 
-def _ranks(statuses: list[RankStatus]) -> list[int]:
+def _rank_numbers(statuses: list[RankStatus]) -> list[int]:
     return sorted(r.rank for r in statuses if r.rank is not None)
 
 
 def _who(statuses: list[RankStatus]) -> str:
-    ranks = _ranks(statuses)
+    ranks = _rank_numbers(statuses)
     if len(ranks) == len(statuses):
         return who(ranks, [])
     return ", ".join(r.key for r in statuses)

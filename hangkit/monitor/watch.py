@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hangkit.envsetup import hang_safe_environment
-from hangkit.errors import UsageError
+from hangkit.errors import UsageError, check_positive_seconds, check_seconds_or_zero
 from hangkit.monitor.jobtree import MARKER_VARIABLE, JobTree, become_subreaper
 from hangkit.monitor.output import OutputTail, write_all
 from hangkit.monitor.server import Monitor
 from hangkit.monitor.stall import HANG_KINDS, StallConfig
 from hangkit.monitor.terminate import end_job
-from hangkit.records import ProcessSnapshot, RankStatus, StallEvent
+from hangkit.records import StallEvent
 
 HANG_EXIT = 124
 # Larger pipes let a job write bursts without waiting for the watcher to be scheduled.
@@ -53,7 +53,9 @@ class WatchOptions:
 
 
 @dataclass
-class _Stalled:
+class _ProgressHang:
+    """A stall of the ranks' progress that counts as a hang (--progress-timeout)."""
+
     event: StallEvent
     since: float  # seconds since the stopped ranks last advanced
 
@@ -79,13 +81,10 @@ def say(line: str) -> None:
 
 def watch(opts: WatchOptions) -> int:
     """Runs the command to its end or its hang. Returns the exit code for the watcher."""
-    if not opts.timeout > 0:
-        raise UsageError(f"--timeout must be a positive number of seconds, got {opts.timeout:g}")
-    if opts.grace < 0:
-        raise UsageError(f"--grace must be zero or more seconds, got {opts.grace:g}")
-    if opts.progress_timeout is not None and not opts.progress_timeout > 0:
-        raise UsageError("--progress-timeout must be a positive number of seconds, got "
-                         f"{opts.progress_timeout:g}")
+    check_positive_seconds("timeout", opts.timeout)
+    check_seconds_or_zero("grace", opts.grace)
+    if opts.progress_timeout is not None:
+        check_positive_seconds("progress_timeout", opts.progress_timeout)
     executable = resolve_command(opts.command)
     env = dict(os.environ)
     tmpdir = None
@@ -178,7 +177,7 @@ class _Watcher:
                     f"{stalled.event.summary} (--progress-timeout "
                     f"{self.opts.progress_timeout:g})"))
 
-    def _check_progress(self) -> _Stalled | None:
+    def _check_progress(self) -> _ProgressHang | None:
         """Runs stall detection; says each new finding; returns a stall that counts as a hang."""
         hang = None
         for event in self.monitor.detect():
@@ -186,7 +185,7 @@ class _Watcher:
             if self.opts.progress_timeout is not None and event.kind in HANG_KINDS:
                 since = min((r.since_progress for r in self.monitor.statuses()
                              if r.rank in event.ranks), default=self.opts.progress_timeout)
-                hang = _Stalled(event, since)
+                hang = _ProgressHang(event, since)
         return hang
 
     def _pump(self, fd: int) -> None:
@@ -222,6 +221,7 @@ class _Watcher:
 
     def _hang(self, idle: float, *, detector: str = "output", reason: str | None = None) -> int:
         # Imported here: a job that never hangs should not pay for them at start-up.
+        from hangkit.monitor.capture import capture_job
         from hangkit.monitor.jobcontext import job_context
         from hangkit.monitor.report import build_report, render_summary
 
@@ -270,29 +270,3 @@ class _Watcher:
         say(line)
         if result.survivors:
             say(f"WARNING: could not end: {', '.join(map(str, result.survivors))}")
-
-
-def capture_job(monitor: Monitor, ranks: list[RankStatus], pids: list[int]
-                ) -> list[ProcessSnapshot]:
-    """Every process of the job: ranks' stacks from their agents where they answer (and from
-    faulthandler where the GIL is held), everything else from py-spy. Ranks on other nodes
-    come only from their agents."""
-    from hangkit.monitor.agentstacks import gather
-    from hangkit.monitor.capture import capture
-
-    live = [r.key for r in ranks if r.status not in ("dead", "finished", "errored")]
-    found = gather(monitor, live)
-    sources = {"agent": "its agent", "faulthandler": "a faulthandler dump"}
-    local = {a.pid: (a.threads, sources[a.source]) for a in found.values()
-             if a.host == monitor.host}
-    snapshots = capture(pids, known=local)
-    ranks_by_pid = {r.pid: r.rank for r in ranks if r.host == monitor.host}
-    for s in snapshots:
-        if s.rank is None:  # e.g. a rank already gone: its environment is unreadable
-            s.rank = ranks_by_pid.get(s.pid)
-    for a in found.values():
-        if a.host != monitor.host:
-            snapshots.append(ProcessSnapshot(
-                pid=a.pid, ppid=None, rank=a.rank, role="rank", cmdline=[], state="remote",
-                threads=a.threads, note=f"on {a.host}: stacks from {sources[a.source]}"))
-    return snapshots

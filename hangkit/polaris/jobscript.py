@@ -29,6 +29,7 @@ from pathlib import Path
 
 from hangkit import __version__
 from hangkit.errors import HangkitError, UsageError
+from hangkit.text import last_line
 
 GPUS_PER_NODE = 4  # Polaris: 4 A100s a node, one rank each at most
 HW_THREADS_PER_NODE = 64  # Polaris: one 32-core AMD EPYC Milan, 2 hardware threads a core
@@ -320,17 +321,12 @@ def submit(path: Path, *, qsub: str = "qsub", timeout: float = QSUB_TIMEOUT) -> 
     except OSError as e:
         raise HangkitError(f"cannot run {qsub}: {e.strerror or e}") from e
     if done.returncode != 0:
-        last = _last_line(done.stderr) or _last_line(done.stdout) or "it printed nothing"
+        last = last_line(done.stderr) or last_line(done.stdout) or "it printed nothing"
         raise HangkitError(f"qsub {path} failed (exit {done.returncode}): {last}")
-    job_id = _last_line(done.stdout)
+    job_id = last_line(done.stdout)
     if not job_id:
         raise HangkitError(f"qsub {path} printed no job id")
     return job_id
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 def run(args: argparse.Namespace) -> int:

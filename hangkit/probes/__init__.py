@@ -46,8 +46,9 @@ TIMEOUT_ADVICE = {
 }
 
 
-def select(only: str | list[str] | None) -> list[str]:
-    """The probes named by --only (comma-separated), in table order; all when None."""
+def select(only: str | list[str] | None, *, name: str = "only") -> list[str]:
+    """The probes named by `only` (comma-separated), in table order; all when None. `name`:
+    what errors call it (the CLI's "--only")."""
     if only is None:
         return list(PROBE_NAMES)
     names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only)]
@@ -57,5 +58,5 @@ def select(only: str | list[str] | None) -> list[str]:
         raise UsageError(f"unknown probe {', '.join(map(repr, unknown))}; known: "
                          + ", ".join(PROBE_NAMES))
     if not names:
-        raise UsageError("--only names no probe")
+        raise UsageError(f"{name} names no probe")
     return [n for n in PROBE_NAMES if n in names]

@@ -21,6 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hangkit.files import write_atomic
+from hangkit.text import last_line
+
 
 @dataclass
 class Outcome:
@@ -74,11 +77,8 @@ class ProbeContext:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
         if self.out is not None and self.rank is not None:
-            path = os.path.join(self.out, f"rank-{self.rank}.last")
             with contextlib.suppress(OSError):
-                with open(path + ".tmp", "w") as f:
-                    f.write(line)
-                os.replace(path + ".tmp", path)
+                write_atomic(os.path.join(self.out, f"rank-{self.rank}.last"), line)
 
     @property
     def deadline(self) -> float:
@@ -104,8 +104,7 @@ class ChildResult:
         return self.returncode is None
 
     def last_line(self, stream: str = "stderr") -> str:
-        lines = [x for x in getattr(self, stream).splitlines() if x.strip()]
-        return lines[-1].strip() if lines else ""
+        return last_line(getattr(self, stream))
 
     def report(self, marker: str) -> dict | None:
         """The JSON the child printed after `marker` (its last such line), even if the child
@@ -187,7 +186,7 @@ def kill_session(proc: subprocess.Popen, *, marker: str | None = None,
     proxy and the MPI ranks under it) and daemons (torch_shm_manager)."""
     import psutil  # here: probe modules import api, and the doctor's children should start fast
 
-    from hangkit.monitor.procfs import read_environ
+    from hangkit.procfs import read_environ
 
     try:
         descendants = psutil.Process(proc.pid).children(recursive=True)

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from hangkit.files import write_atomic
 from hangkit.probes import REGISTRY
 from hangkit.probes.api import Outcome, ProbeContext
 from hangkit.rankenv import rank_from_environ, world_size_from_environ
@@ -44,10 +45,7 @@ def main(argv: list[str]) -> int:
                        started=time.monotonic() - max(time.time() - config["started_at"], 0.0))
     result = json.dumps(run_probe(name, ctx).to_json())
     if ranked:
-        path = os.path.join(config["out"], f"rank-{ctx.rank}.json")
-        with open(path + ".tmp", "w") as f:
-            f.write(result)
-        os.replace(path + ".tmp", path)
+        write_atomic(os.path.join(config["out"], f"rank-{ctx.rank}.json"), result)
     else:
         sys.stdout.write(RESULT_MARKER + result + "\n")
         sys.stdout.flush()

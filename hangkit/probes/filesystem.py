@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import threading
 import time
 
+from hangkit import deadline
 from hangkit.probes.api import Outcome, ProbeContext, fail, ok, timed_out, warn
 
 # Above these (seconds) an operation is slow enough to stall training.
@@ -26,37 +26,18 @@ ADVICE = ("I/O under this path is slow or stalled. Stage data to node-local stor
           "pass DataLoader(timeout=...) so a stalled read raises instead of hanging (DL-01).")
 
 
-class _Stalled(Exception):
-    def __init__(self, what: str, seconds: float):
-        super().__init__(what)
-        self.what, self.seconds = what, seconds
-
-
 def run(ctx: ProbeContext) -> Outcome:
     timings: dict[str, float] = {}
 
     def timed(what: str, op, budget: float):
-        """Runs op in a daemon thread; a stalled op is left behind (the process exits)."""
+        """op under a deadline; a stalled op's thread is left behind (the process exits)."""
         print(f"filesystem: {what}", file=sys.stderr, flush=True)  # the doctor's last words
-        box: dict = {}
-
-        def target():
-            try:
-                box["value"] = op()
-            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-                box["error"] = e
-
         started = time.monotonic()
-        thread = threading.Thread(target=target, daemon=True)
-        thread.start()
-        thread.join(budget)
-        if thread.is_alive():
-            raise _Stalled(what, time.monotonic() - started)
-        timings[what.split(" ")[0]] = max(timings.get(what.split(" ")[0], 0.0),
-                                          time.monotonic() - started)
-        if "error" in box:
-            raise box["error"]
-        return box.get("value")
+        pending = deadline.start(op, timeout=budget, name=what)
+        if pending.wait():  # returned or raised: timed either way
+            kind = what.split(" ")[0]
+            timings[kind] = max(timings.get(kind, 0.0), time.monotonic() - started)
+        return pending.result()
 
     def budget() -> float:
         return max(ctx.remaining(1.0) / 2, 0.1)
@@ -81,7 +62,7 @@ def run(ctx: ProbeContext) -> Outcome:
             if os.path.isdir(path):
                 continue
             timed(f"open {path}", lambda p=path: _read(p, 4096), budget())
-    except _Stalled as e:
+    except deadline.DeadlineExceeded as e:
         return timed_out(f"{e.what} did not return within {e.seconds:.1f} s", ADVICE,
                          stalled=e.what, **{k: round(v, 4) for k, v in timings.items()})
     except OSError as e:

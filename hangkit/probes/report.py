@@ -4,13 +4,12 @@ and the JSON file. Pure functions of ProbeResult records."""
 from __future__ import annotations
 
 import json
-import os
 import socket
-import time
 from pathlib import Path
 
-from hangkit.monitor.merge import format_ranks
-from hangkit.records import ProbeResult
+from hangkit.files import write_atomic
+from hangkit.records import SCHEMA, ProbeResult
+from hangkit.text import iso_time, ranks_phrase
 
 CELL = {"ok": "ok", "warn": "WARN", "fail": "FAIL", "timeout": "TIMEOUT", "skipped": "skip"}
 PROBLEMS = ("fail", "timeout", "warn")
@@ -63,7 +62,7 @@ def _problems(results: list[ProbeResult]) -> list[str]:
     for (name, status, detail, advice), rs in sorted(
             grouped.items(), key=lambda kv: (PROBLEMS + ("skipped",)).index(kv[0][1])):
         ranks = [r.rank for r in rs if r.rank is not None]
-        where = f" (rank{'s' if len(ranks) > 1 else ''} {format_ranks(ranks)})" if ranks else ""
+        where = f" ({ranks_phrase(ranks)})" if ranks else ""
         lines.append(f"  [{CELL[status]}] {name}{where}: {detail}")
         if advice:
             lines.append(f"      advice: {advice}")
@@ -73,12 +72,10 @@ def _problems(results: list[ProbeResult]) -> list[str]:
 def write_json(results: list[ProbeResult], path: Path, *, ranks: int | None, timeout: float,
                seconds: float) -> None:
     document = {
-        "probes": [{k: v for k, v in r.to_json().items()} for r in results],
+        "schema": SCHEMA,
+        "probes": [r.to_json() for r in results],
         "ranks": ranks, "timeout": timeout, "seconds": round(seconds, 3),
-        "host": socket.gethostname(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": socket.gethostname(), "finished_at": iso_time(),
         "exit_code": exit_code(results),
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(document, indent=2) + "\n")

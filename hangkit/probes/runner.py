@@ -6,7 +6,6 @@ slowest probe, not by the sum, and a hanging probe costs no more than its own ti
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -16,11 +15,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hangkit.errors import UsageError
+from hangkit.errors import UsageError, check_at_least, check_positive_seconds
 from hangkit.probes import TIMEOUT_ADVICE, select
 from hangkit.probes.api import kill_session, marked_environment
 from hangkit.probes.child import RESULT_MARKER
 from hangkit.records import ProbeResult
+from hangkit.text import last_line
 
 DEFAULT_TIMEOUT = 30.0
 # Probe processes the doctor runs at once (a probe on N ranks counts N). Each may import
@@ -50,13 +50,12 @@ def run_doctor(only: str | list[str] | None = None, *, ranks: int | None = None,
                launcher: list[str] | None = None) -> list[ProbeResult]:
     """Runs the probes and returns one result per probe (per rank with `ranks`)."""
     names = select(only)
-    if not timeout > 0 or math.isinf(timeout):
-        raise UsageError(f"--timeout must be a positive number of seconds, got {timeout:g}")
-    if ranks is not None and ranks < 1:
-        raise UsageError(f"--ranks must be at least 1, got {ranks}")
+    check_positive_seconds("timeout", timeout)
+    if ranks is not None:
+        check_at_least("ranks", ranks, 1)
     path = Path(path)
     if not path.is_dir():
-        raise UsageError(f"--path is not a directory: {path}")
+        raise UsageError(f"path is not a directory: {path}")
     if ranks is not None and launcher is None:
         from hangkit.launcher import mpiexec_command
 
@@ -119,7 +118,7 @@ def _start(run: _Run, *, ranks, timeout, path, launcher, workdir) -> None:
 
 
 def _results(run: _Run, ranks: int | None, timeout: float) -> list[ProbeResult]:
-    err_tail = _last_line(run.stderr)
+    err_tail = last_line(_read(run.stderr))[:300]
     if ranks is None:
         for line in _read(run.stdout).splitlines():
             if line.startswith(RESULT_MARKER):
@@ -159,8 +158,3 @@ def _read(path: Path) -> str:
         return path.read_text(errors="replace")
     except OSError:
         return ""
-
-
-def _last_line(path: Path) -> str:
-    lines = [x.strip() for x in _read(path).splitlines() if x.strip()]
-    return lines[-1][:300] if lines else ""

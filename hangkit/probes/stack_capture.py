@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from hangkit.monitor import pyspy
+from hangkit import pyspy
 from hangkit.probes.api import Outcome, ProbeContext, fail, kill_session, ok, timed_out, warn
 
 KNOWN_FUNCTION = "hangkit_probe_blocked_here"

@@ -29,8 +29,8 @@ What the probe uses, and why:
   broadcasts it (non-blocking, against the deadline). Only without MPI is it derived from
   PBS_JOBID. A single rank lets the store pick a free port itself.
 
-Each step runs in a thread that the probe waits for until just before the doctor's deadline
-(torch's calls release the GIL), so a step that never completes is the probe's own "timeout",
+Each step runs under hangkit.deadline until just before the doctor's deadline (torch's calls
+release the GIL), so a step that never completes is the probe's own "timeout",
 naming the step and what was done before it. Each is also announced on stderr first
 ("torch_distributed: rank 1/2: TCPStore: ..."): the doctor reports that line for a probe it
 had to kill, as it would one stuck in MPI_Init while sharing the port.
@@ -44,10 +44,10 @@ import importlib.util
 import os
 import re
 import socket
-import threading
 import time
 from datetime import timedelta
 
+from hangkit import deadline
 from hangkit.launcher import derived_port, job_nodes, port_holder, wait_for_listener
 from hangkit.probes.api import Outcome, ProbeContext, fail, ok, skipped, timed_out, warn
 from hangkit.probes.environment import LOCAL_SIZE_VARIABLES
@@ -321,26 +321,19 @@ class _Probe:
         self.say(what)
         timeout = self.budget()
         started = time.monotonic()
-        box: dict = {}
-
-        def target():
-            try:
-                box["result"] = call(timeout)
-            except BaseException as e:  # handed to the probe's thread below
-                box["error"] = e
-
-        thread = threading.Thread(target=target, name=f"hangkit-{name}", daemon=True)
-        thread.start()
-        thread.join(self.ctx.remaining(JOIN_MARGIN))
-        took = time.monotonic() - started
-        if thread.is_alive():
+        try:
+            result = deadline.call(lambda: call(timeout), timeout=self.ctx.remaining(JOIN_MARGIN),
+                                   name=f"torch_distributed {name}")
+        except deadline.DeadlineExceeded:
+            took = time.monotonic() - started
             error = TimeoutError(f"timed out: still blocked in the {name} step after "
                                  f"{took:.1f} s, past its own timeout")
-            raise _StepFailed(self.failed(name, error, took, timeout, port))
-        if "error" in box:
-            raise _StepFailed(self.failed(name, box["error"], took, timeout, port))
-        self.seconds[name] = round(took, 4)
-        return box.get("result")
+            raise _StepFailed(self.failed(name, error, took, timeout, port)) from None
+        except Exception as e:
+            raise _StepFailed(self.failed(name, e, time.monotonic() - started, timeout,
+                                          port)) from e
+        self.seconds[name] = round(time.monotonic() - started, 4)
+        return result
 
     def failed(self, name: str, error: Exception, took: float, timeout: timedelta,
                port: int | None) -> Outcome:

@@ -24,12 +24,11 @@ import signal
 import socket
 import ssl
 import tempfile
-import threading
 import time
 from urllib.parse import unquote, urlsplit
 from urllib.request import proxy_bypass_environment
 
-from hangkit.monitor.procfs import read_environ
+from hangkit import deadline
 from hangkit.probes.api import (
     Outcome,
     ProbeContext,
@@ -41,6 +40,7 @@ from hangkit.probes.api import (
     warn,
     worst,
 )
+from hangkit.procfs import read_environ
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 ONLINE_SECONDS = 4.0  # the reachability check's own deadline: a dead network answers slowly
@@ -102,30 +102,30 @@ def run(ctx: ProbeContext) -> Outcome:
     url = base_url(env)
     mode = wandb_mode(env)
     online_seconds = min(ONLINE_SECONDS, max(ctx.remaining(1.0), 0.1))
-    online_result: list[Outcome] = []
 
-    def check() -> None:
+    def check() -> Outcome:
         started = time.monotonic()
         try:
             found = check_online(url, env, timeout=online_seconds)
         except Exception as e:  # a malformed URL or proxy: say so rather than "no answer"
             found = warn(f"{url}: cannot be checked: {type(e).__name__}: {e}", WJ01_ADVICE)
         found.data["online_seconds"] = round(time.monotonic() - started, 3)
-        online_result.append(found)
+        return found
 
-    # In a thread, beside the offline run: name resolution takes no timeout, so the thread is
-    # abandoned at the deadline rather than waited for.
-    checker = threading.Thread(target=check, daemon=True)
+    # Beside the offline run: name resolution takes no timeout, so the check is given up on
+    # at its deadline rather than waited for.
+    checker = None
     if mode not in OFFLINE_MODES:
-        checker.start()
+        checker = deadline.start(check, timeout=online_seconds + 0.5, name="wandb online check")
     offline = check_offline(ctx)
-    if mode in OFFLINE_MODES:
+    if checker is None:
         online = ok(f"not needed (WANDB_MODE={mode})")
     else:
-        checker.join(max(min(ctx.remaining(), online_seconds + 0.5), 0.0))
-        online = online_result[0] if online_result else warn(
-            f"{url}: no answer within {online_seconds:g} s (name resolution hangs?)",
-            WJ01_ADVICE)
+        try:
+            online = checker.result()
+        except deadline.DeadlineExceeded:
+            online = warn(f"{url}: no answer within {online_seconds:g} s (name resolution "
+                          "hangs?)", WJ01_ADVICE)
     key = check_api_key(env, url, mode)
     parts = {"offline": offline, "online": online, "api key": key}
     # Problems first: the table shows the detail's first words only.

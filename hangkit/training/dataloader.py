@@ -13,13 +13,13 @@ import contextlib
 import logging
 import mmap
 import os
-import signal
 import struct
 import tempfile
-import threading
 import time
 
+from hangkit import deadline
 from hangkit.errors import HangkitError
+from hangkit.records import WorkerPhase, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ __all__ = ["DataLoaderHang", "DataLoaderWorkerDied", "SafeDataLoader", "safe_dat
 
 _SLOT = struct.Struct("dddd")  # pid, state, index, since (wall clock)
 _STARTING, _IDLE, _FETCHING = 0.0, 1.0, 2.0
+_PHASES = {_STARTING: WorkerPhase.STARTING, _IDLE: WorkerPhase.IDLE,
+           _FETCHING: WorkerPhase.FETCHING}
 PUBLISH_EVERY = 1.0  # seconds between worker-state publications while batches flow
 DUMP_TIMEOUT = 10.0  # seconds py-spy may take for a hung worker's stack
 
@@ -119,13 +121,6 @@ def _state_dir() -> str:
     return shm if os.access(shm, os.W_OK) else tempfile.gettempdir()
 
 
-def _signal_name(n: int) -> str:
-    try:
-        return signal.Signals(n).name
-    except ValueError:
-        return f"signal {n}"
-
-
 def _remove_sigchld_pids(it) -> None:
     if getattr(it, "_worker_pids_set", False):
         from torch.utils.data import _utils
@@ -173,8 +168,8 @@ def _stop_workers(it, *, kill: bool) -> None:
             w.join(timeout=5)
 
 
-class _Tracker:
-    """The shared slots of one iteration's workers, and reading them into JSON-able states."""
+class _Slots:
+    """The shared slots of one iteration's workers, and reading them into WorkerStates."""
 
     def __init__(self, num_workers: int):
         self.num_workers = num_workers
@@ -189,50 +184,36 @@ class _Tracker:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
 
-    def states(self, it, now: float | None = None) -> list[dict]:
+    def states(self, it, now: float | None = None) -> list[WorkerState]:
         now = time.time() if now is None else now
         procs = list(getattr(it, "_workers", []) or [])
         out = []
         for i in range(self.num_workers):
             pid, code, index, since = _SLOT.unpack_from(self.map, i * _SLOT.size)
             proc = procs[i] if i < len(procs) else None
-            pid = int(pid) or (proc.pid if proc is not None else None)
+            w = WorkerState(worker=i, pid=int(pid) or (proc.pid if proc is not None else None),
+                            state=_PHASES.get(code, WorkerPhase.FETCHING))
             exitcode = None
             if proc is not None:
                 with contextlib.suppress(Exception):
                     exitcode = proc.exitcode
-            entry = {"worker": i, "pid": pid}
             if exitcode is not None and exitcode < 0:
-                entry["state"] = f"killed by signal {-exitcode}"
-                entry["signal"] = -exitcode
+                w.state, w.signal = WorkerPhase.KILLED, -exitcode
             elif exitcode is not None:
-                entry["state"] = "exited" if exitcode == 0 else f"exited with code {exitcode}"
-            elif code == _STARTING:
-                entry["state"] = "starting"
-            elif code == _IDLE:
-                entry["state"] = "idle"
-            else:
-                entry["state"] = "fetching"
+                w.state, w.exit_code = WorkerPhase.EXITED, exitcode
             if code == _FETCHING:
                 # For a dead worker this is what it was doing when it died.
-                entry["index"] = int(index) if index >= 0 else None
-                entry["since"] = since
-                entry["seconds"] = round(max(now - since, 0.0), 3)
-            out.append(entry)
+                w.index = int(index) if index >= 0 else None
+                w.since = since
+                w.seconds = round(max(now - since, 0.0), 3)
+            out.append(w)
         return out
-
-
-def _describe(w: dict) -> str:
-    text = f"worker {w['worker']} (pid {w['pid']})"
-    if "index" in w:
-        text += f" fetching dataset index {w['index']} for {w['seconds']:.1f} s"
-    return text
 
 
 def _stack_text(pid: int, timeout: float) -> str:
     if timeout <= 0:
         return "    (stack not captured: a test batch)"
-    from hangkit.monitor import pyspy
+    from hangkit import pyspy
 
     proc = pyspy.start_dump(pid, native=False)
     result = pyspy.finish_dump(proc, pid, timeout=timeout)
@@ -249,13 +230,11 @@ def _stack_text(pid: int, timeout: float) -> str:
 class SafeDataLoader:
     """Iterates like the DataLoader it wraps; see safe_dataloader()."""
 
-    def __init__(self, loader, tracker_workers: int, *, stack_timeout: float = DUMP_TIMEOUT,
-                 publish_name: str = "dataloader_workers"):
+    def __init__(self, loader, num_workers: int, *, stack_timeout: float = DUMP_TIMEOUT):
         self.loader = loader
-        self.num_workers = tracker_workers
+        self.num_workers = num_workers
         self.stack_timeout = stack_timeout
-        self.publish_name = publish_name
-        self.last_states: list[dict] = []
+        self.last_states: list[WorkerState] = []
         self._init_fn = loader.worker_init_fn
 
     def __len__(self):
@@ -266,25 +245,25 @@ class SafeDataLoader:
             raise AttributeError(name)
         return getattr(self.loader, name)
 
-    def _publish(self, tracker, it) -> None:
-        from hangkit.agent import publish
+    def _publish(self, slots, it) -> None:
+        from hangkit.agent import publish_workers
 
-        self.last_states = tracker.states(it)
-        publish(self.publish_name, self.last_states)
+        self.last_states = slots.states(it)
+        publish_workers(self.last_states)
 
     def __iter__(self):
         if self.num_workers == 0:
             yield from self.loader
             return
-        tracker = _Tracker(self.num_workers)
+        slots = _Slots(self.num_workers)
         if isinstance(self._init_fn, _WorkerInit):
-            self.loader.worker_init_fn = _WorkerInit(tracker.path, self._init_fn.user_fn)
+            self.loader.worker_init_fn = _WorkerInit(slots.path, self._init_fn.user_fn)
         it = None
         failed = False
         try:
             it = iter(self.loader)
             _watch_deaths(it, False)
-            self._publish(tracker, it)
+            self._publish(slots, it)
             next_publish = time.monotonic() + PUBLISH_EVERY
             while True:
                 try:
@@ -302,64 +281,56 @@ class SafeDataLoader:
                     # A dead worker shows as torch's RuntimeError, or as the broken queue to
                     # it (ConnectionResetError, EOFError), whichever the main process sees first.
                     failed = True
-                    explained = self._explain(tracker, it, e)
+                    explained = self._explain(slots, it, e)
                     if explained is e:
                         raise
                     raise explained from e
                 if time.monotonic() >= next_publish:
-                    self._publish(tracker, it)
+                    self._publish(slots, it)
                     next_publish = time.monotonic() + PUBLISH_EVERY
                 yield batch
         finally:
             _stop_workers(it, kill=failed)
             with contextlib.suppress(Exception):
-                self._publish(tracker, it)
-            tracker.close()
+                self._publish(slots, it)
+            slots.close()
 
-    def _explain(self, tracker, it, e: Exception) -> Exception:
+    def _explain(self, slots, it, e: Exception) -> Exception:
         text = str(e)
         broken_queue = isinstance(e, OSError | EOFError)
         rank = _rank()
         who = f"rank {rank}" if rank is not None else f"pid {os.getpid()}"
-        states = tracker.states(it)
+        states = slots.states(it)
         self.last_states = states
-        dead = [w for w in states if w["state"].startswith(("killed", "exited"))]
+        dead = [w for w in states if not w.state.alive]
         if "killed by signal" in text or "exited unexpectedly" in text or broken_queue or dead:
             if not dead:  # torch saw it first; the exit code may still be being reaped
-                deadline = time.monotonic() + 2.0
-                while not dead and time.monotonic() < deadline:
+                ends_at = time.monotonic() + 2.0
+                while not dead and time.monotonic() < ends_at:
                     for w in getattr(it, "_workers", []):
                         # torch's SIGCHLD handler may raise this same death here.
                         with contextlib.suppress(RuntimeError):
                             w.join(timeout=0.05)
-                    states = tracker.states(it)
-                    dead = [w for w in states if w["state"].startswith(("killed", "exited"))]
-            parts = []
-            for w in dead or states:
-                line = f"worker {w['worker']} (pid {w['pid']}) {w['state']}"
-                if w.get("signal"):
-                    line += f" ({_signal_name(w['signal'])})"
-                if "index" in w:
-                    line += f" while fetching dataset index {w['index']}" \
-                            f" (for {w['seconds']:.1f} s)"
-                parts.append(line)
+                    states = slots.states(it)
+                    dead = [w for w in states if not w.state.alive]
             return DataLoaderWorkerDied(
-                f"{who}: DataLoader " + "; ".join(parts),
+                f"{who}: DataLoader " + "; ".join(w.describe() for w in dead or states),
                 rank=rank, workers=dead or states,
                 hint="a worker killed by signal 9 is usually out of memory: use fewer workers, "
                      "a smaller prefetch_factor or batch, or ask for more memory")
         if "timed out" in text:
-            fetching = sorted((w for w in states if "index" in w and w["state"] == "fetching"),
-                              key=lambda w: w["since"])
-            suspects = fetching or [w for w in states if w["state"] in ("starting", "fetching")]
+            fetching = sorted((w for w in states if w.state == WorkerPhase.FETCHING
+                               and w.since is not None), key=lambda w: w.since)
+            suspects = fetching or [w for w in states if w.state in (WorkerPhase.STARTING,
+                                                                     WorkerPhase.FETCHING)]
             lines = [f"{who}: DataLoader got no batch within {self.loader.timeout:g} s"]
             if not suspects:
                 lines[0] += "; every worker is idle (lost batch: see DL-06/DL-07)"
             else:  # the first line is what other ranks are told (ErrorFlag, PeerFailed)
-                lines[0] += ": " + "; ".join(_describe(w) for w in suspects[:4])
+                lines[0] += ": " + "; ".join(w.describe() for w in suspects[:4])
             for w in suspects[:4]:
-                lines.append(f"  worker {w['worker']}'s stack (innermost last):")
-                lines.append(_stack_text(w["pid"], self.stack_timeout) if w["pid"]
+                lines.append(f"  worker {w.worker}'s stack (innermost last):")
+                lines.append(_stack_text(w.pid, self.stack_timeout) if w.pid
                              else "    (no pid yet)")
             return DataLoaderHang(
                 "\n".join(lines), rank=rank, workers=suspects or states,
@@ -398,24 +369,13 @@ def _build(dataset, num_workers, *, timeout, multiprocessing_context, worker_ini
 
 
 def _test_in_process(loader: SafeDataLoader, timeout: float) -> None:
-    """One batch in a thread with a deadline: a dataset that hangs costs the deadline, not the
-    caller (the thread is left behind, blocked; there is no way to stop it)."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["batch"] = next(iter(loader))
-        except BaseException as e:  # handed to the caller below
-            box["error"] = e
-
-    t = threading.Thread(target=run, name="hangkit-dataloader-test", daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
+    """One batch under a deadline: a dataset that hangs costs the deadline, not the caller (its
+    thread is left behind, blocked; there is no way to stop it)."""
+    try:
+        deadline.call(lambda: next(iter(loader)), timeout=timeout, name="dataloader test batch")
+    except deadline.DeadlineExceeded as e:
         raise DataLoaderHang(f"no batch from the dataset in this process within {timeout:g} s",
-                             rank=_rank())
-    if "error" in box:
-        raise box["error"]
+                             rank=_rank()) from e
 
 
 def safe_dataloader(dataset, *, batch_size=1, num_workers: int = 4, fallback=None,

@@ -42,6 +42,7 @@ from hangkit.launcher import (  # noqa: F401 - the port range is part of this AP
     wait_for_listener,
 )
 from hangkit.rankenv import rank_from_environ, world_size_from_environ
+from hangkit.text import first_line, last_line, ranks_phrase
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ TD06_HINT = ("give every rank the same number of batches: DistributedSampler(dro
              "DataLoader(drop_last=True), or DDP's join() context manager")
 
 _state: dict = {}
+NO_MESSAGE = "(no message)"
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -108,7 +110,7 @@ class PeerFailed(DistributedError):
         self.step = step
         lines = [f"rank {r}: {_headline(tb)}" for r, tb in self.failed.items()]
         at = f" at step {step}" if step is not None else ""
-        super().__init__(f"{_ranks_word(self.failed)} failed{at}: " + "; ".join(lines),
+        super().__init__(f"{ranks_phrase(self.failed)} failed{at}: " + "; ".join(lines),
                          hint=TD04_HINT, rank=rank)
 
     def render_tracebacks(self) -> str:
@@ -123,41 +125,27 @@ class UnevenBatches(HangkitError, ValueError):
         super().__init__(_uneven_message(self.counts), hint=TD06_HINT)
 
 
-def _first_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[0].strip() if lines else "(no message)"
-
-
 def _headline(text: str) -> str:
     """ErrorFlag's texts start with a summary line; a bare traceback ends with one."""
-    return _last_line(text) if text.lstrip().startswith("Traceback") else _first_line(text)
+    return last_line(text, NO_MESSAGE) if text.lstrip().startswith("Traceback") \
+        else first_line(text, NO_MESSAGE)
 
 
 def _summary(error: BaseException) -> str:
     """One line for the other ranks. An exception a DataLoader worker raised comes back as
     "Caught X in DataLoader worker process N." with the worker's own message last."""
     text = str(error)
-    line = f"{type(error).__name__}: {_first_line(text)}"
+    line = f"{type(error).__name__}: {first_line(text, NO_MESSAGE)}"
     if "Original Traceback" in text:
-        line += f" {_last_line(text)}"
+        line += f" {last_line(text, NO_MESSAGE)}"
     return line
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "(no message)"
-
-
-def _ranks_word(ranks) -> str:
-    ranks = sorted(ranks)
-    return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(map(str, ranks))
 
 
 def _uneven_message(counts: dict[int, int]) -> str:
     by_count: dict[int, list[int]] = {}
     for r, n in sorted(counts.items()):
         by_count.setdefault(n, []).append(r)
-    parts = [f"{_ranks_word(rs)}: {n} batches" for n, rs in sorted(by_count.items())]
+    parts = [f"{ranks_phrase(rs)}: {n} batches" for n, rs in sorted(by_count.items())]
     return ("uneven batch counts (the ranks with more would hang in the gradient all-reduce "
             "after the others finish): " + "; ".join(parts))
 
@@ -249,7 +237,7 @@ def init_distributed(backend: str = "gloo", *, timeout: float = 120.0,
                 joined = _joined(store, size)
                 missing = sorted(set(range(size)) - set(joined))
                 raise RendezvousTimeout(
-                    f"{_ranks_word(joined)} joined; {_ranks_word(missing)} did not within "
+                    f"{ranks_phrase(joined)} joined; {ranks_phrase(missing)} did not within "
                     f"{timeout:g} s (store at {where}, world size {size})",
                     joined=joined, missing=missing, **context)
             time.sleep(delay)
@@ -304,7 +292,7 @@ def barrier(*, timeout: float = 300.0, group=None) -> None:
             missing = [r for r in ranks if r not in arrived]
             raise BarrierTimeout(
                 f"barrier #{gen} timed out after {timeout:g} s on rank {me}: "
-                f"{_ranks_word(missing)} did not arrive ({_ranks_word(arrived)} did)",
+                f"{ranks_phrase(missing)} did not arrive ({ranks_phrase(arrived)} did)",
                 rank=me, missing=missing, arrived=arrived, timeout=timeout)
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
@@ -318,7 +306,7 @@ def _store_call(call, me: int, gen: int):
         return call()
     except Exception as e:  # DistNetworkError: the store's host, rank 0, has gone
         raise DistributedError(f"barrier #{gen} on rank {me}: the store is gone "
-                               f"({_first_line(str(e) or repr(e))})",
+                               f"({first_line(str(e) or repr(e), NO_MESSAGE)})",
                                hint="rank 0 hosts the store: it has exited; look at its output",
                                rank=me) from e
 
@@ -363,7 +351,7 @@ def mpi_barrier(comm, *, timeout: float = 300.0) -> None:
                         req.Cancel()
             if rank == 0:
                 missing = sorted(set(range(size)) - arrived)
-                what = (f"{_ranks_word(missing)} did not arrive"
+                what = (f"{ranks_phrase(missing)} did not arrive"
                         if missing else "every rank arrived at rank 0 but the barrier did "
                         "not complete")
             else:
@@ -455,7 +443,7 @@ def _wait(work, timeout: float, what: str, rank: int) -> None:
     try:
         work.wait(timeout=timedelta(seconds=timeout))
     except Exception as e:
-        reason = _last_line(str(e))
+        reason = last_line(str(e), NO_MESSAGE)
         if "timed out" not in reason.lower() and "timeout" not in reason.lower():
             raise DistributedError(f"{what} failed on rank {rank}: {reason}",
                                    hint="another rank has exited: look at its output",

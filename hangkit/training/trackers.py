@@ -13,7 +13,8 @@ daemon thread that is abandoned at the deadline. What "nothing left behind" mean
   that was waiting on them usually returns (with an error nobody reads) once its socket closes.
 - threads: an init stuck in a C call (name resolution, a read on a hung filesystem) cannot be
   stopped from Python. Its thread stays, blocked, until that call returns; it is a daemon, so it
-  never delays the interpreter's exit, and `abandoned_threads()` lists it so a report can say so.
+  never delays the interpreter's exit, and `hangkit.deadline.abandoned()` lists it so a report
+  can say so.
   Training goes on without it.
 """
 
@@ -28,10 +29,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from hangkit.errors import HangkitError
+from hangkit import deadline
+from hangkit.deadline import DeadlineExceeded
 from hangkit.rankenv import rank_from_environ
 
 log = logging.getLogger(__name__)
@@ -46,67 +47,24 @@ _SERVICE_PREFIX = "wandb-"  # wandb-core, wandb-symon: wandb's service binaries
 MARKER_VARIABLE = "HANGKIT_TRACKER_ID"
 
 
-class TrackerTimeout(HangkitError, TimeoutError):
+class TrackerTimeout(DeadlineExceeded):
     """A tracker's init (or finish) did not return within its deadline."""
 
     def __init__(self, what: str, seconds: float, *, hint: str | None = None):
         super().__init__(
-            f"{what} did not finish within {seconds:g} s",
+            what, seconds,
             hint=hint or "the call was abandoned in a daemon thread; training can go on "
                          "without it (for wandb: WANDB_MODE=offline on nodes without network)")
-        self.what = what
-        self.seconds = seconds
-
-
-@dataclass
-class AbandonedThread:
-    name: str
-    thread: threading.Thread
-    since: float  # time.monotonic() at the deadline
-
-
-_abandoned: list[AbandonedThread] = []
-_abandoned_lock = threading.Lock()
-
-
-def abandoned_threads() -> list[AbandonedThread]:
-    """Calls `guarded` gave up on whose threads are still running (stuck, most likely)."""
-    with _abandoned_lock:
-        _abandoned[:] = [a for a in _abandoned if a.thread.is_alive()]
-        return list(_abandoned)
 
 
 def guarded(fn: Callable[[], T], *, timeout: float, name: str,
             on_timeout: Callable[[], Any] | None = None) -> T:
-    """fn() in a daemon thread, waited for at most `timeout` seconds. Returns its result or
-    raises what it raised; at the deadline calls `on_timeout` (to kill what fn started: a
-    service process, a socket) and raises TrackerTimeout naming `name`. See the module's
-    docstring for what is left behind when fn is stuck in a C call."""
-    outcome: dict[str, Any] = {}
-    done = threading.Event()
-
-    def target() -> None:
-        try:
-            outcome["value"] = fn()
-        except BaseException as e:  # handed to the caller, whatever it is
-            outcome["error"] = e
-        finally:
-            done.set()
-
-    thread = threading.Thread(target=target, name=f"hangkit-guarded: {name}", daemon=True)
-    thread.start()
-    if not done.wait(max(timeout, 0.0)):
-        with _abandoned_lock:
-            _abandoned.append(AbandonedThread(name, thread, time.monotonic()))
-        if on_timeout is not None:
-            try:
-                on_timeout()
-            except Exception as e:
-                log.warning("cleaning up after %s failed: %s: %s", name, type(e).__name__, e)
-        raise TrackerTimeout(name, timeout)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    """fn() under a deadline (hangkit.deadline.call): its result, or what it raised; at the
+    deadline `on_timeout()` (to kill what fn started: a service process, a socket), then
+    TrackerTimeout naming `name`. See the module's docstring for what is left behind when fn
+    is stuck in a C call."""
+    return deadline.call(fn, timeout=timeout, name=name, on_timeout=on_timeout,
+                         error=TrackerTimeout)
 
 
 def kill_wandb_services() -> list[int]:
@@ -116,7 +74,7 @@ def kill_wandb_services() -> list[int]:
     try:
         import psutil
 
-        from hangkit.monitor.procfs import read_environ
+        from hangkit.procfs import read_environ
     except ImportError:  # psutil is a dependency of hangkit, but a tracker must never raise
         return []
     marker = os.environ.get(MARKER_VARIABLE)
@@ -211,14 +169,14 @@ class Tracker:
             self.finished = True
             return
         self.finished = True
-        deadline = time.monotonic() + timeout
+        ends_at = time.monotonic() + timeout
         assert self._queue is not None and self._sender is not None
         try:
-            self._queue.put(None, timeout=max(deadline - time.monotonic(), 0.0))
-            self._sender.join(max(deadline - time.monotonic(), 0.0))
+            self._queue.put(None, timeout=max(ends_at - time.monotonic(), 0.0))
+            self._sender.join(max(ends_at - time.monotonic(), 0.0))
             if self._sender.is_alive():
                 raise TrackerTimeout("wandb: sending the logged values", timeout)
-            guarded(self.run.finish, timeout=max(deadline - time.monotonic(), 0.0),
+            guarded(self.run.finish, timeout=max(ends_at - time.monotonic(), 0.0),
                     name="wandb run.finish")
             if self.dropped or self.failures:
                 log.warning("wandb: %d logged values dropped, %d failed", self.dropped,
@@ -231,7 +189,7 @@ class Tracker:
         # Stops wandb's service now rather than at exit; it is ours alone (a child process).
         if self._wandb is not None:
             with contextlib.suppress(Exception):
-                guarded(self._wandb.teardown, timeout=max(deadline - time.monotonic(), 1.0),
+                guarded(self._wandb.teardown, timeout=max(ends_at - time.monotonic(), 1.0),
                         name="wandb.teardown")
         # What teardown left (wandb-symon, once orphaned, lingers on its own for a while).
         kill_wandb_services()

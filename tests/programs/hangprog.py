@@ -32,10 +32,10 @@ def ready(**info) -> None:
 def record_pid(**info) -> None:
     directory = os.environ.get("HANGKIT_READY_DIR")
     if directory:
+        from hangkit.files import write_atomic  # the test reads the record whole or not at all
+
         path = os.path.join(directory, f"pid-{os.getpid()}-{info.get('kind', 'main')}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump({"pid": os.getpid(), "argv": sys.argv, **info}, f)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, json.dumps({"pid": os.getpid(), "argv": sys.argv, **info}))
 
 
 def scratch(name: str) -> str:

@@ -9,7 +9,8 @@ import time
 
 import psutil
 
-from hangkit.training.trackers import abandoned_threads, init_wandb
+from hangkit.deadline import abandoned
+from hangkit.training.trackers import init_wandb
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--timeout", type=float, default=5.0)
@@ -33,4 +34,4 @@ print("RESULT " + json.dumps({
     "mode": tracker.mode, "reason": tracker.reason, "init_seconds": init_seconds,
     "finish_seconds": finish_seconds, "failures": tracker.failures, "dropped": tracker.dropped,
     "wandb_imported": "wandb" in sys.modules, "children": services,
-    "abandoned": [a.name for a in abandoned_threads()]}), flush=True)
+    "abandoned": [a.name for a in abandoned()]}), flush=True)

@@ -1,5 +1,8 @@
 """Small readers of /proc: environment, kernel state, and the syscall a blocked thread sits in.
 
+Used wherever another process is looked at: the monitor's capture, a rank's own tracker
+cleanup (wandb's service processes), the doctor's probe children, and the tests.
+
 Every reader returns None when the process is gone or unreadable: a process that exits while we
 look at it is a normal event during a hang capture, never an error.
 """
@@ -9,11 +12,7 @@ from __future__ import annotations
 import os
 import platform
 
-from hangkit.rankenv import RANK_VARIABLES, rank_from_environ
 from hangkit.records import Syscall
-
-__all__ = ["RANK_VARIABLES", "rank_from_environ", "read_environ", "kernel_state",
-           "blocked_syscall"]
 
 # The syscalls a hung process is usually found in. Numbers differ per architecture.
 _SYSCALLS = {

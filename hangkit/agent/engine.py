@@ -1,8 +1,11 @@
-"""What runs inside each MPI engine: module functions the kernel applies by reference.
+"""What runs inside each ipyparallel MPI engine: module functions the notebook kernel's
+EngineCluster applies by reference (so the engines import this module by name).
 
-The engine keeps its training between cells here (one StepRunner per engine), so that a
-notebook can run N steps, look at the dashboard, and run N more. Nothing here imports widgets;
-torch and mpi4py are imported by the user's setup function, not by this module.
+An engine is a rank like any other, so this is rank-side code and lives with the agent. The
+engine keeps its training between cells here (one StepRunner per engine), so that a notebook
+can run N steps, look at the dashboard, and run N more. Nothing here imports widgets; torch and
+mpi4py are imported by the user's setup function, hangkit.training and the doctor only when
+called.
 """
 
 from __future__ import annotations
@@ -66,6 +69,11 @@ def summary() -> dict:
     s = _runner.state
     return {"step": s.step, "epoch": s.epoch, "finished": s.finished,
             "failed_epochs": len(s.failed_epochs), "metrics": dict(s.last_metrics)}
+
+
+def failures() -> list[str]:
+    """The tracebacks of this engine's failed epochs, oldest first."""
+    return [] if _runner is None else list(_runner.state.failed_epochs)
 
 
 def history() -> list[dict]:

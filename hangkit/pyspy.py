@@ -1,7 +1,8 @@
 """Python stacks of another process through py-spy, the primary stack source.
 
 py-spy reads the target's memory, so it works while the target's main thread holds the GIL in a
-CPU-bound loop or sits in C (MPI, gloo, a lock), where in-process tools cannot run.
+CPU-bound loop or sits in C (MPI, gloo, a lock), where in-process tools cannot run. Used by the
+monitor's capture, by a rank's safe DataLoader for its own hung worker, and by the doctor.
 """
 
 from __future__ import annotations

@@ -1,0 +1,240 @@
+"""`hangkit report`: what users are asked to send when a hang persists, in one .tar.gz.
+
+The bundle holds the job's configuration (job.json), the software versions (versions.json), the
+environment (environment.json), the latest doctor results (doctor.json), the latest hang report
+(hang-report/), the tail of the job's output (output-tail.txt) and a README.txt saying what is
+there and what was missing and why. Members sit under one directory named like the archive, so
+unpacking it spills nothing into the current directory.
+
+A bundle is made when something is already stuck, so nothing here may hang: torch and mpi4py are
+imported only in child processes killed at their deadline (importing torch from a stalled shared
+filesystem never returns), and every file is read in a daemon thread that is given up on at the
+deadline (a read from a stalled Lustre mount blocks in the kernel, where no timeout reaches).
+
+Secrets: every member passes through one redaction step. Variables whose names contain KEY,
+TOKEN, SECRET or PASSWORD are hidden by name (hangkit.redact); free text (output lines, JSON
+strings) has `NAME=value`, `NAME: value`, `--name value`, URL passwords and bearer tokens hidden
+(redact_text); and the values of this environment's secret variables are then scrubbed wherever
+they still appear (a key passed on a command line and echoed into the output).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hangkit.bundle.archive import default_name, write_archive
+from hangkit.bundle.job import job_config, read_nodefile
+from hangkit.bundle.versions import error_text, version_tasks, versions_json
+from hangkit.deadline import call_all
+from hangkit.files import TAIL_LIMIT, tail_lines
+from hangkit.monitor.report import JSON_NAME, MD_NAME
+from hangkit.redact import (
+    REDACTED,
+    SECRET_WORDS,
+    is_secret_name,
+    redact_environ,
+    redact_member,
+    redact_text,
+    secret_values,
+)
+from hangkit.text import iso_time
+
+CHILD_TIMEOUT = 20.0  # seconds for each child (torch, mpi4py) and for each file read
+DEFAULT_LINES = 50
+DOCTOR_GLOB = "hangkit-doctor*.json"
+HANG_JSON, HANG_MD = JSON_NAME, MD_NAME  # what `hangkit watch` writes
+
+
+# --- what goes in ---------------------------------------------------------------------------
+
+def _newest(paths) -> Path | None:
+    dated = []
+    for p in paths:
+        try:
+            dated.append((p.stat().st_mtime, str(p), p))
+        except OSError:
+            continue
+    return max(dated)[2] if dated else None
+
+
+def _read_doctor(given: Path | None, cwd: Path) -> tuple[Path, bytes] | None:
+    path = given if given is not None else _newest(p for p in cwd.glob(DOCTOR_GLOB)
+                                                   if p.is_file())
+    return None if path is None else (path, path.read_bytes())
+
+
+def _read_hang_report(given: Path | None, cwd: Path) -> tuple[Path, dict[str, bytes]] | None:
+    if given is None:
+        found = _newest([*cwd.glob(HANG_JSON), *cwd.glob("*/" + HANG_JSON),
+                         *cwd.glob("*/*/" + HANG_JSON)])
+        if found is None:
+            return None
+        given = found.parent
+    elif given.is_file():  # hang-report.json itself
+        given = given.parent
+    files = {name: (given / name).read_bytes() for name in (HANG_JSON, HANG_MD)
+             if (given / name).is_file()}
+    return (given, files) if files else None
+
+
+
+# --- the bundle -----------------------------------------------------------------------------
+
+@dataclass
+class Bundle:
+    """Members (name -> content, secrets already hidden), what each holds, and what is missing.
+    README.txt and the one-line summary are renderings of held and missing."""
+
+    members: dict[str, bytes | str] = field(default_factory=dict)
+    held: list[tuple[str, str, str]] = field(default_factory=list)  # (member, brief, about)
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (member, why, what to do)
+
+    def summary(self) -> str:
+        held = ", ".join(f"{m} ({b})" if b else m for m, b, _ in self.held)
+        missing = ", ".join(m for m, _ in self.missing) or "nothing"
+        return f"holds {held}; missing: {missing}"
+
+
+def collect(*, doctor_json: Path | None = None, hang_report: Path | None = None,
+            log: Path | None = None, lines: int = DEFAULT_LINES,
+            environ: Mapping[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = CHILD_TIMEOUT, now: float | None = None) -> Bundle:
+    """Gathers everything. None for doctor_json or hang_report: the newest found under cwd
+    (hangkit-doctor*.json in it; */hang-report.json up to two levels down). Reads and children
+    all run at once, each with `timeout` seconds; what does not come in time is noted missing."""
+    environ = dict(os.environ if environ is None else environ)
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    now = time.time() if now is None else now
+    host = socket.gethostname()
+    got = call_all({
+        **version_tasks(timeout, environ),
+        "nodefile": (lambda: read_nodefile(environ), timeout),
+        "doctor": (lambda: _read_doctor(doctor_json, cwd), timeout),
+        "hang": (lambda: _read_hang_report(hang_report, cwd), timeout),
+        "log": (lambda: None if log is None else tail_lines(Path(log), lines), timeout),
+    })
+    b = Bundle()
+
+    nodes, per_host = got["nodefile"] if not isinstance(got["nodefile"], Exception) else ([], {})
+    job = job_config(environ, nodes, per_host, cwd=str(cwd), host=host, now=now)
+    if isinstance(got["nodefile"], Exception):
+        job["pbs_nodefile_error"] = error_text(got["nodefile"])
+    b.members["job.json"] = json.dumps(job, indent=2) + "\n"
+    where = (f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}" if job["in_pbs_job"]
+             else "not a PBS job")
+    b.held.append(("job.json", where, "the job: its nodes (PBS_NODEFILE), ranks per node where "
+                   "known, every PBS_* (and PALS_*, PMI_*) variable, host and directory"))
+
+    b.members["versions.json"] = json.dumps(versions_json(got), indent=2) + "\n"
+    b.held.append(("versions.json", "", "Python, the platform, hangkit and the packages hangs "
+                   "involve; torch's CUDA and NCCL, and the MPI library (each found in a child "
+                   f"process given {timeout:g} s)"))
+
+    hidden = sum(is_secret_name(k) for k in environ)
+    b.members["environment.json"] = json.dumps(
+        {k: redact_text(v) for k, v in sorted(redact_environ(environ).items())}, indent=2) + "\n"
+    b.held.append(("environment.json", f"{len(environ)} variables, {hidden} hidden by name",
+                   "every environment variable of the shell that ran `hangkit report`"))
+
+    doctor = got["doctor"]
+    if isinstance(doctor, tuple):
+        b.members["doctor.json"] = doctor[1]
+        b.held.append(("doctor.json", "", f"the doctor's results, from {doctor[0]}"))
+    else:
+        b.missing.append(("doctor.json", _missing_doctor(doctor, doctor_json, cwd)))
+
+    hang = got["hang"]
+    if isinstance(hang, tuple):
+        for name, data in hang[1].items():
+            b.members[f"hang-report/{name}"] = data
+        b.held.append(("hang-report/", ", ".join(hang[1]), f"the hang report, from {hang[0]}"))
+    else:
+        if isinstance(hang, Exception):
+            why = f"reading {hang_report or cwd} failed: {error_text(hang)}"
+        elif hang_report is not None:
+            why = f"no {HANG_JSON} or {HANG_MD} in {hang_report}"
+        else:
+            why = f"none found under {cwd} (*/{HANG_JSON}, two levels down)"
+        b.missing.append(("hang-report/", why + "; give its directory with --hang-report DIR "
+                          "(`hangkit watch --report-dir DIR` writes one when it catches a hang)"))
+
+    tail = got["log"]
+    if isinstance(tail, tuple):
+        kept, cut = tail
+        b.members["output-tail.txt"] = b"".join(line + b"\n" for line in kept)
+        how = (f"the last {len(kept)} lines" if len(kept) == lines
+               else f"all {len(kept)} lines")
+        if cut:
+            how = f"the last {len(kept)} lines within its last {TAIL_LIMIT >> 20} MiB"
+        b.held.append(("output-tail.txt", f"{len(kept)} lines",
+                       f"{how} of {Path(log).absolute()}"))
+    else:
+        why = (f"reading {log} failed: {error_text(tail)}" if isinstance(tail, Exception)
+               else "no --log FILE given")
+        b.missing.append(("output-tail.txt", why + "; give the job's output file with --log "
+                          "FILE (PBS writes JOBNAME.oJOBID; see `qsub -o`)"))
+
+    b.members["README.txt"] = _readme(b, host=host, now=now)
+    secrets = secret_values(environ)
+    b.members = {name: redact_member(name, data, secrets) for name, data in b.members.items()}
+    return b
+
+
+def gather(*, doctor_json: Path | None = None, hang_report: Path | None = None,
+           log: Path | None = None, lines: int = DEFAULT_LINES,
+           environ: Mapping[str, str] | None = None, cwd: Path | None = None,
+           timeout: float = CHILD_TIMEOUT, now: float | None = None) -> dict[str, bytes | str]:
+    """The archive's members, name -> content (secrets hidden): collect(...).members."""
+    return collect(doctor_json=doctor_json, hang_report=hang_report, log=log, lines=lines,
+                   environ=environ, cwd=cwd, timeout=timeout, now=now).members
+
+
+def _missing_doctor(doctor: Any, given: Path | None, cwd: Path) -> str:
+    if isinstance(doctor, Exception):
+        return f"reading {given or cwd} failed: {error_text(doctor)}"
+    return (f"no --doctor-json given and no {DOCTOR_GLOB} in {cwd}; run `hangkit doctor --json "
+            "hangkit-doctor.json` (with --ranks N inside the job) and make the bundle again")
+
+
+def _readme(b: Bundle, *, host: str, now: float) -> str:
+    from hangkit import __version__
+
+    width = max(len(m) for m, _, _ in [*b.held, ("README.txt", "", "")])
+    out = ["hangkit report bundle",
+           f"made {iso_time(now)} on {host} by `hangkit report` (hangkit {__version__})", "",
+           "What people helping with a hang ask for, in one place. It holds your job's "
+           "configuration and environment: values of variables whose names contain "
+           + ", ".join(SECRET_WORDS) + f" are replaced by {REDACTED}, as are such NAME=value "
+           "pairs in the output and this environment's secret values wherever they appeared; "
+           "look through it before you share it.", "", "Contents:"]
+    for member, _, about in b.held:
+        out.append(f"  {member:<{width}}  {about}")
+    out.append(f"  {'README.txt':<{width}}  this file")
+    out += ["", "Missing:"]
+    out += [f"  {member:<{width}}  {why}" for member, why in b.missing] or ["  nothing"]
+    return "\n".join(out) + "\n"
+
+
+__all__ = [
+    "CHILD_TIMEOUT", "DEFAULT_LINES", "DOCTOR_GLOB", "HANG_JSON", "HANG_MD", "TAIL_LIMIT",
+    "Bundle", "add_arguments", "check_arguments", "collect", "default_name", "gather",
+    "job_config", "main", "redact_member", "run", "secret_values", "tail_lines",
+    "write_archive",
+]
+_COMMAND = ("add_arguments", "check_arguments", "main", "run")
+
+
+def __getattr__(name: str):
+    # The command is built on this module (collect, the defaults), so importing it here at
+    # import time would be an import cycle; its names are still importable from here.
+    if name in _COMMAND:
+        return getattr(importlib.import_module("hangkit.bundle.command"), name)
+    raise AttributeError(f"module 'hangkit.bundle' has no attribute {name!r}")
