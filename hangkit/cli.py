@@ -48,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("watch", help="run a command; on a hang, record where every process is "
                        "stuck, then end it", description="Run COMMAND, passing its output "
                        "through. When it prints nothing for --timeout seconds, or its ranks "
-                       "report no progress for --progress-timeout seconds, capture every "
-                       "process's stacks, write hang-report.json and hang-report.md, print a "
-                       "summary, end the job and exit 124.")
+                       "report no progress for --progress-timeout seconds, look at every "
+                       "process of the job: while a rank is still progressing (imports, "
+                       "compilation), keep watching; else capture every process's stacks, "
+                       "write hang-report.json and hang-report.md, print a summary, end the "
+                       "job and exit 124.")
     w.add_argument("--timeout", type=_seconds_argument, default=None, metavar="S",
                    help="seconds without output that count as a hang (default: $HANG_TIMEOUT, "
                    f"else {DEFAULT_TIMEOUT:g})")
@@ -58,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds without hangkit.progress() from the ranks that count as a "
                    "hang, even while output continues (default: off; progress is still "
                    "reported)")
+    w.add_argument("--startup-timeout", type=_seconds_argument, default=1800.0, metavar="S",
+                   help="seconds of silence that count as a hang before the job's first output "
+                   "or its ranks' first progress beat: start-up on many nodes takes minutes "
+                   "(default: 1800)")
+    w.add_argument("--max-silence", type=_seconds_argument, default=None, metavar="S",
+                   help="seconds of silence that end the job even while its ranks are seen "
+                   "progressing (default: 10 x --timeout)")
     w.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
                    help="interface the monitor listens on for the ranks' agents; use one the "
                    "compute nodes reach for multi-node jobs (default: 127.0.0.1)")
@@ -128,9 +137,14 @@ def _watch(args) -> int:
     check_seconds_or_zero("--grace", args.grace)
     if args.progress_timeout is not None:
         check_positive_seconds("--progress-timeout", args.progress_timeout)
+    check_positive_seconds("--startup-timeout", args.startup_timeout)
+    if args.max_silence is not None:
+        check_positive_seconds("--max-silence", args.max_silence)
     return watch(WatchOptions(command=command, timeout=timeout, grace=args.grace,
                               report_dir=args.report_dir, setup_env=args.setup_env,
-                              progress_timeout=args.progress_timeout, bind=args.bind))
+                              progress_timeout=args.progress_timeout, bind=args.bind,
+                              startup_timeout=args.startup_timeout,
+                              max_silence=args.max_silence))
 
 
 def _doctor(args) -> int:

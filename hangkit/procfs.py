@@ -9,10 +9,15 @@ look at it is a normal event during a hang capture, never an error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import stat
 
+from hangkit import deadline
 from hangkit.records import Syscall
+
+STAT_SECONDS = 0.5  # for the stat that tells a FIFO from a file
 
 # The syscalls a hung process is usually found in. Numbers differ per architecture.
 _SYSCALLS = {
@@ -51,6 +56,22 @@ def read_environ(pid: int) -> dict[str, str] | None:
     return env
 
 
+def runs_python(pid: int, cmdline: list[str] | None = None) -> bool:
+    """Whether the process runs Python (py-spy has something to read): its command or its
+    executable is python*, or it maps libpython (an embedding program). mpiexec or a shell
+    does not."""
+    names = [cmdline[0]] if cmdline else []
+    with contextlib.suppress(OSError):
+        names.append(os.readlink(f"/proc/{pid}/exe"))
+    if any(os.path.basename(n).startswith("python") for n in names):
+        return True
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return any("libpython" in line for line in f)
+    except OSError:
+        return False
+
+
 def kernel_state(pid: int) -> str | None:
     """The one-letter state from /proc/PID/stat: R running, S sleeping, D uninterruptible, ..."""
     try:
@@ -75,12 +96,33 @@ def blocked_syscall(pid: int, tid: int | None = None) -> Syscall | None:
     number = int(fields[0])
     args = [int(a, 16) for a in fields[1:7]]
     name = _SYSCALLS.get(platform.machine(), {}).get(number, f"syscall {number}")
-    target = None
+    target = kind = None
     if name in _FD_SYSCALLS and args:
         target = _fd_target(pid, args[0])
+        if target is not None:
+            kind = _kind(target, f"/proc/{pid}/fd/{args[0]}")
     elif name in _PATH_ARG and len(args) > _PATH_ARG[name]:
         target = _read_c_string(pid, args[_PATH_ARG[name]])
-    return Syscall(name=name, number=number, target=target)
+        if target is not None:
+            kind = _kind(target, os.path.join(f"/proc/{pid}/cwd", target))
+    return Syscall(name=name, number=number, target=target, target_kind=kind)
+
+
+def _kind(target: str, path: str) -> str:
+    """What a syscall waits on: "pipe" and "socket" are in the fd's link; a path is stat()ed to
+    tell a named pipe (FIFO: it blocks like a hung filesystem, but is none) from a file. stat on a
+    hung filesystem can block too, hence the deadline: then it is a file, and a stalled one."""
+    for kind in ("pipe", "socket"):
+        if target.startswith(f"{kind}:"):
+            return kind
+    if not target.startswith("/"):
+        return "other"
+    try:
+        mode = deadline.call(lambda: os.stat(path).st_mode, timeout=STAT_SECONDS,
+                             name=f"stat {target}")
+    except (OSError, deadline.DeadlineExceeded):
+        return "file"
+    return "fifo" if stat.S_ISFIFO(mode) else "file"
 
 
 def _fd_target(pid: int, fd: int) -> str | None:

@@ -72,6 +72,21 @@ class WorkerPhase(enum.StrEnum):
         return self not in (WorkerPhase.EXITED, WorkerPhase.KILLED)
 
 
+class Activity(enum.StrEnum):
+    """What a process was doing over a confirmation window (monitor/confirm.py decides)."""
+
+    WAITING = "waiting"  # stack unchanged, blocked in a syscall, a lock, a queue or a collective
+    SPINNING = "spinning"  # stack unchanged, on a CPU: a GIL-held C call, a busy-poll, a livelock
+    PROGRESSING = "progressing"  # new stacks keep appearing: imports, compilation, real work
+    LOOPING = "looping"  # cycling between the same few stacks: a retry loop, a silent loop
+    GONE = "gone"  # exited, or could not be sampled
+
+    @property
+    def hung(self) -> bool:
+        """Whether this process, on its own, is consistent with a hung job."""
+        return self is not Activity.PROGRESSING
+
+
 def parse_enum(kind: type[E], value: Any, fallback: E) -> E:
     """value as a member of kind; a value this version does not know reads as fallback."""
     try:
@@ -141,6 +156,7 @@ class Syscall(_Record):
     name: str
     number: int
     target: str | None = None  # the file, socket or pipe behind the fd, or the path being opened
+    target_kind: str | None = None  # "file", "fifo" (a named pipe), "pipe", "socket", "other"
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> Syscall | None:
@@ -434,6 +450,52 @@ class ProbeResult(_Record):
 
 
 @dataclass
+class ProcessLook(_Record):
+    """One process over one confirmation window: how hangkit judged it, and from what."""
+
+    pid: int
+    rank: int | None
+    role: Role
+    activity: Activity
+    where: str  # where its main thread was last seen, in the user's terms
+    cpu_percent: float | None = None  # over the window; 100 = one full core
+    stacks: list[str] = field(default_factory=list)  # the innermost frame of each sample
+    distinct: int = 0  # how many different stacks the samples showed
+
+    def __post_init__(self):
+        self.role = parse_enum(Role, self.role, Role.OTHER)
+        self.activity = parse_enum(Activity, self.activity, Activity.WAITING)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ProcessLook:
+        d = cls._known(d)
+        for name in ("rank", "role", "activity"):
+            d.setdefault(name, None)
+        d.setdefault("where", "")
+        return cls(**d)
+
+
+@dataclass
+class Look(_Record):
+    """One look at every process of the job before anything is called a hang."""
+
+    at: float  # seconds of silence (or of no progress) when the look began
+    seconds: float  # how long the look took, its samples and its capture
+    samples: int  # stack samples per process
+    processes: list[ProcessLook] = field(default_factory=list)
+    verdict: str = ""  # what was decided: "hung", "progressing", "ceiling"
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Look:
+        d = cls._known(d)
+        d["processes"] = [ProcessLook.from_json(p) for p in d.get("processes", [])]
+        d.setdefault("at", 0.0)
+        d.setdefault("seconds", 0.0)
+        d.setdefault("samples", 0)
+        return cls(**d)
+
+
+@dataclass
 class HangReport(_Record):
     hang: bool
     reason: str
@@ -451,6 +513,7 @@ class HangReport(_Record):
     context: dict[str, Any] = field(default_factory=dict)
     ranks: list[RankStatus] = field(default_factory=list)  # from the ranks' agents, if any
     events: list[StallEvent] = field(default_factory=list)
+    looks: list[Look] = field(default_factory=list)  # what was seen before it was called
     schema: int = SCHEMA
 
     @classmethod
@@ -472,5 +535,6 @@ class HangReport(_Record):
             context=dict(d.get("context", {})),
             ranks=[RankStatus.from_json(r) for r in d.get("ranks", [])],
             events=[StallEvent.from_json(e) for e in d.get("events", [])],
+            looks=[Look.from_json(x) for x in d.get("looks", [])],
             schema=d.get("schema", 0),
         )

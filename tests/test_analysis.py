@@ -260,3 +260,13 @@ def test_build_report_leaves_the_snapshots_it_is_given_alone():
                           processes=[rank], last_lines=[], context={})
     assert rank.to_json() == before
     assert report.processes[0].cmdline == ["python", "train.py", "--api-key", "<redacted>"]
+
+
+@pytest.mark.parametrize("kind, expected", [("file", "slow-filesystem"), ("fifo", "fifo-wait")])
+def test_a_blocked_open_is_a_slow_filesystem_unless_it_is_a_fifo(kind, expected):
+    from hangkit.records import Syscall
+
+    p = rank_proc(0, [f("<module>"), f("load_shard", line=9)])
+    p.syscall = Syscall("openat", 257, "/lustre/data/shard-0007.bin", target_kind=kind)
+    (d,) = [d for d in diagnose([p]) if d.kind in ("slow-filesystem", "fifo-wait")]
+    assert d.kind == expected and "shard-0007.bin" in d.summary and d.ranks == [0]

@@ -113,3 +113,17 @@ def test_summary_of_a_killed_worker_points_at_memory():
              "signal: Killed.")])
     assert outcome.status == "warn"
     assert "DL-02" in outcome.advice and "DataLoader(num_workers=0)" in outcome.advice
+
+
+@pytest.mark.parametrize("found", [
+    {},  # a child killed before it reported
+    {"ok": False, "error": "no time left after importing torch (9.8 s)"},  # its own report
+    {"ok": False, "hung": True, "seconds": 3.0, "cause": None, "error": "did not finish"},
+])
+def test_every_try_has_the_documented_keys(found):
+    from hangkit.probes.dataloader import TRY_KEYS, record
+
+    try_ = record("fork", 2, **found)
+    assert set(try_) == set(TRY_KEYS)
+    assert try_["hung"] in (True, False) and (try_["method"], try_["workers"]) == ("fork", 2)
+    assert summarise([record("fork", 0, ok=True, per_batch_seconds=0.001), try_]).status

@@ -76,10 +76,20 @@ def test_output_resets_the_timer(run_watch):
 
 def test_hang_timeout_variable_sets_the_default(run_watch):
     # The sleep is the watched job's hang, not the test waiting. ok-sleep
-    run = run_watch([sys.executable, "-c", "import time; time.sleep(60)"],  # ok-sleep
+    run = run_watch([sys.executable, "-c",
+                     "print('started', flush=True); import time; time.sleep(60)"],  # ok-sleep
                     options=["--grace", "1"], env={"HANG_TIMEOUT": "1"})
     assert run.returncode == 124
     assert "--timeout 1" in run.report["reason"]
+
+
+def test_silence_before_the_first_output_is_judged_by_the_startup_timeout(run_watch):
+    # Nothing printed yet: the 1 s timeout does not apply, the 3 s start-up timeout does.
+    run = run_watch([sys.executable, "-c", "import time; time.sleep(60)"],  # ok-sleep
+                    options=["--timeout", "1", "--startup-timeout", "3", "--grace", "1"])
+    assert run.returncode == 124, run.err
+    assert "since the job started (--startup-timeout 3)" in run.report["reason"]
+    assert run.report["idle_seconds"] >= 3
 
 
 def test_setup_env_sets_hang_safe_variables_and_a_short_tmpdir(run_watch, tmp_path):

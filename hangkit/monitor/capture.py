@@ -9,7 +9,6 @@ costs about as long as the slowest dump, not their sum.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import psutil
 from hangkit import pyspy
 from hangkit.monitor.agentstacks import gather
 from hangkit.monitor.roles import FETCH_FILE, assign_roles
-from hangkit.procfs import blocked_syscall, kernel_state, read_environ
+from hangkit.procfs import blocked_syscall, kernel_state, read_environ, runs_python
 from hangkit.rankenv import rank_from_environ
 from hangkit.records import ProcessSnapshot, ProcessState, RankStatus, Role, ThreadStack
 
@@ -160,23 +159,10 @@ def _finish_cpu(p: _Pending, wall: float) -> None:
 
 def _wants_stacks(snapshot: ProcessSnapshot, proc: psutil.Process) -> bool:
     """py-spy only on processes that run Python: mpiexec or a shell has no Python stack."""
-    names = [snapshot.cmdline[0] if snapshot.cmdline else ""]
-    with contextlib.suppress(psutil.Error):
-        names.append(proc.exe())
-    if any(os.path.basename(n).startswith("python") for n in names):
-        return True
-    if _maps_libpython(snapshot.pid):
+    if runs_python(snapshot.pid, snapshot.cmdline):
         return True
     snapshot.stack_error = "not a Python process"
     return False
-
-
-def _maps_libpython(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            return any("libpython" in line for line in f)
-    except OSError:
-        return False
 
 
 def _session(pid: int) -> int | None:

@@ -20,7 +20,15 @@ from hangkit.monitor.stacks import (
     source_line,
     where,
 )
-from hangkit.records import Diagnosis, ProcessSnapshot, ProcessState, Role, StallEvent
+from hangkit.records import (
+    Activity,
+    Diagnosis,
+    Look,
+    ProcessSnapshot,
+    ProcessState,
+    Role,
+    StallEvent,
+)
 from hangkit.text import who
 
 ADVICE = {
@@ -59,6 +67,14 @@ ADVICE = {
     "dead-rank": ("A rank's process is gone while the others wait for it. Find why it died: its "
                   "own output and exit status, `dmesg` for the OOM killer, the node's health. "
                   "Collectives cannot complete without it; restart from the last checkpoint."),
+    "fifo-wait": ("The process waits on a named pipe (FIFO) or a pipe: opening one waits until "
+                  "another process opens its other end, reading waits until it writes. Nothing "
+                  "is wrong with the filesystem: find the process that should be at the other "
+                  "end (a checkpoint writer, a log reader) and why it never came."),
+    "looping": ("The process runs but goes round the same few places without printing or "
+                "reporting progress: a retry loop (a connection, a lock, a file it waits for), "
+                "or a training loop that neither logs nor calls hangkit.progress(). The stacks "
+                "show where it turns; give the loop a deadline, or report progress from it."),
     "unknown": ("No known hang pattern matched. The groups and the merged tree show where each "
                 "rank stands; compare them with what the ranks should be doing."),
 }
@@ -75,9 +91,12 @@ _FILE_SYSCALLS = frozenset({"read", "pread64", "readv", "preadv", "open", "opena
                             "lstat", "newfstatat", "statx", "fsync", "fdatasync", "getdents64"})
 
 
-def diagnose(processes: list[ProcessSnapshot], events: list[StallEvent] = ()
-             ) -> list[Diagnosis]:
-    found = from_events(events)
+def diagnose(processes: list[ProcessSnapshot], events: list[StallEvent] = (),
+             looks: list[Look] = ()) -> list[Diagnosis]:
+    """The diagnoses of one capture: what the stall detector's events and the last look before
+    the capture say, then the stack rules."""
+    looping = from_looks(looks)
+    found = looping + from_events(events)
     if found:
         # A dead rank or a desync read from sequence numbers explains more than the same
         # finding read from stacks, or "everyone waits in the same collective".
@@ -94,6 +113,29 @@ def diagnose(processes: list[ProcessSnapshot], events: list[StallEvent] = ()
             advice=ADVICE["unknown"],
             ranks=sorted(p.rank for p in ranks if p.rank is not None),
             pids=[p.pid for p in ranks]))
+    return found
+
+
+def from_looks(looks: list[Look]) -> list[Diagnosis]:
+    """Ranks and workers the last look found looping: the same few stacks, again and again."""
+    if not looks:
+        return []
+    found = []
+    for p in looks[-1].processes:
+        if p.activity != Activity.LOOPING or p.role not in (Role.RANK, Role.DATALOADER_WORKER):
+            continue
+        stacks = list(dict.fromkeys(p.stacks))
+        who = f"rank {p.rank}" if p.rank is not None else f"pid {p.pid}"
+        if p.role == Role.DATALOADER_WORKER:
+            who += f" DataLoader worker (pid {p.pid})"
+        shown = ", ".join(stacks[:4]) + (f" and {len(stacks) - 4} more" if len(stacks) > 4 else "")
+        cpu = f" at {p.cpu_percent:.0f}% CPU" if p.cpu_percent is not None else ""
+        found.append(Diagnosis(
+            kind="looping",
+            summary=(f"{who} is looping between {shown}{cpu}: its stack keeps coming back to the "
+                     f"same {len(stacks)} places, and it neither prints nor reports progress"),
+            advice=ADVICE["looping"], ranks=[p.rank] if p.rank is not None else [],
+            pids=[p.pid]))
     return found
 
 
@@ -229,6 +271,17 @@ def blocking_file_io(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
         sc = p.syscall
         on_file = sc is not None and sc.name in _FILE_SYSCALLS and sc.target is not None and (
             sc.target.startswith("/"))
+        if on_file and sc.target_kind in ("fifo", "pipe"):
+            opening = sc.name in ("open", "openat")
+            found.append(Diagnosis(
+                kind="fifo-wait",
+                summary=(f"{p.label} is blocked {'opening' if opening else 'reading'} the named "
+                         f"pipe (FIFO) {sc.target} in {main_location(p)}: "
+                         + ("no process has opened it for writing" if opening else
+                            "no process writes to it")),
+                advice=ADVICE["fifo-wait"], ranks=[p.rank] if p.rank is not None else [],
+                pids=[p.pid]))
+            continue
         if not on_file and p.kernel_state != "D":
             continue
         what = (f"{sc.name} of {sc.target}" if on_file else

@@ -10,7 +10,15 @@ from hangkit.files import private_directory, write_atomic
 from hangkit.monitor.diagnose import diagnose
 from hangkit.monitor.merge import groups, merged_tree, render_tree
 from hangkit.monitor.stacks import frame_text
-from hangkit.records import HangReport, ProcessSnapshot, RankStatus, Role, StallEvent, WorkerState
+from hangkit.records import (
+    HangReport,
+    Look,
+    ProcessSnapshot,
+    RankStatus,
+    Role,
+    StallEvent,
+    WorkerState,
+)
 from hangkit.redact import redact_argv, redact_text
 from hangkit.text import iso_time, who
 
@@ -22,7 +30,7 @@ def build_report(*, reason: str, command: list[str], idle_seconds: float,
                  processes: list[ProcessSnapshot], last_lines: list[str], context: dict,
                  detector: str = "output", started_at: float | None = None,
                  capture_seconds: float | None = None, ranks: list[RankStatus] = (),
-                 events: list[StallEvent] = ()) -> HangReport:
+                 events: list[StallEvent] = (), looks: list[Look] = ()) -> HangReport:
     """The report of one capture. The snapshots given are not changed: the report holds
     copies with their command lines redacted."""
     processes = [dataclasses.replace(p, cmdline=redact_argv(p.cmdline)) for p in processes]
@@ -34,9 +42,9 @@ def build_report(*, reason: str, command: list[str], idle_seconds: float,
         started_at=iso_time(started_at) if started_at else None, captured_at=iso_time(),
         capture_seconds=round(capture_seconds, 2) if capture_seconds is not None else None,
         processes=processes, groups=groups(processes), tree=merged_tree(processes),
-        diagnosis=diagnose(processes, list(events)),
+        diagnosis=diagnose(processes, list(events), list(looks)),
         last_lines=[redact_text(line) for line in last_lines], context=context,
-        ranks=list(ranks), events=list(events))
+        ranks=list(ranks), events=list(events), looks=list(looks))
 
 
 def render_summary(report: HangReport) -> list[str]:
@@ -54,6 +62,9 @@ def render_summary(report: HangReport) -> list[str]:
         lines.append("Where the ranks are:")
         for g in report.groups:
             lines.append(f"  {who(g.ranks, g.pids)}: {g.location}")
+    if report.looks:
+        lines += ["", "What hangkit saw before calling it:"] + ["  " + x for x in
+                                                              render_looks(report.looks)]
     if report.ranks:
         lines += ["", "Progress reported by the ranks:"] + ["  " + r for r in render_ranks(report)]
     tree = render_tree(report.tree)
@@ -91,6 +102,24 @@ def render_ranks(report: HangReport) -> list[str]:
     return lines
 
 
+def render_looks(looks: list[Look]) -> list[str]:
+    """Each look: when, how long, its verdict, and each rank's and worker's activity."""
+    lines = []
+    for i, look in enumerate(looks, 1):
+        lines.append(f"look {i} at {look.at:g} s ({look.seconds:.1f} s, {look.samples} samples "
+                     f"a process): {look.verdict}")
+        for p in look.processes:
+            if p.role not in (Role.RANK, Role.DATALOADER_WORKER):
+                continue
+            cpu = f", {p.cpu_percent:.0f}% CPU" if p.cpu_percent is not None else ""
+            who = f"rank {p.rank}" if p.rank is not None else f"pid {p.pid}"
+            if p.role == Role.DATALOADER_WORKER:
+                who += f" worker (pid {p.pid})"
+            lines.append(f"  {who}: {p.activity} in {p.where} ({p.distinct} distinct "
+                         f"stack(s){cpu})")
+    return lines
+
+
 def render_workers(workers: list[WorkerState]) -> list[str]:
     """A rank's DataLoader workers as its safe DataLoader last published them."""
     return [f"DataLoader {w.describe()}" for w in workers]
@@ -111,6 +140,9 @@ def render_markdown(report: HangReport) -> str:
         out += ["## Where the ranks are", ""]
         out += [f"- **{who(g.ranks, g.pids)}**: {g.location}" for g in report.groups]
         out.append("")
+    if report.looks:
+        out += ["## What hangkit saw before calling it", "", "```", *render_looks(report.looks),
+                "```", ""]
     if report.ranks:
         out += ["## Progress reported by the ranks", "", "```", *render_ranks(report), "```", ""]
     tree = render_tree(report.tree)

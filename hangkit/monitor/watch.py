@@ -20,6 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hangkit.envsetup import hang_safe_environment
 from hangkit.errors import UsageError, check_positive_seconds, check_seconds_or_zero
@@ -29,6 +30,10 @@ from hangkit.monitor.server import Monitor
 from hangkit.monitor.stall import HANG_KINDS, StallConfig
 from hangkit.monitor.terminate import end_job
 from hangkit.records import StallEvent
+from hangkit.text import who
+
+if TYPE_CHECKING:  # imported when first needed: a job that never hangs does not pay for it
+    from hangkit.monitor.confirm import Confirmation
 
 HANG_EXIT = 124
 # Larger pipes let a job write bursts without waiting for the watcher to be scheduled.
@@ -39,6 +44,7 @@ DRAIN_SECONDS = 2.0
 # How often stall detection runs over the ranks' progress (and, without a pidfd on kernels
 # before 5.3, how often the first process is polled).
 TICK = 0.25
+MAX_SILENCE_FACTOR = 10
 
 
 @dataclass
@@ -50,6 +56,17 @@ class WatchOptions:
     setup_env: bool = True
     progress_timeout: float | None = None  # None: progress is reported, never a hang by itself
     bind: str = "127.0.0.1"  # where the monitor listens for the ranks' agents
+    # Until the job's first output or a rank's first beat, silence is judged against this:
+    # torch and NCCL initialisation on hundreds of nodes takes minutes.
+    startup_timeout: float = 1800.0
+    # Silence that ends even a job whose ranks keep progressing (default: MAX_SILENCE_FACTOR
+    # times the timeout, and never less than the start-up timeout while it applies).
+    max_silence: float | None = None
+
+    @property
+    def ceiling(self) -> float:
+        return self.max_silence if self.max_silence is not None \
+            else MAX_SILENCE_FACTOR * self.timeout
 
 
 @dataclass
@@ -85,6 +102,9 @@ def watch(opts: WatchOptions) -> int:
     check_seconds_or_zero("grace", opts.grace)
     if opts.progress_timeout is not None:
         check_positive_seconds("progress_timeout", opts.progress_timeout)
+    check_positive_seconds("startup_timeout", opts.startup_timeout)
+    if opts.max_silence is not None:
+        check_positive_seconds("max_silence", opts.max_silence)
     executable = resolve_command(opts.command)
     env = dict(os.environ)
     tmpdir = None
@@ -131,8 +151,15 @@ class _Watcher:
         self.opts, self.proc, self.tree, self.env = opts, proc, tree, env
         self.monitor = monitor
         self.tail = OutputTail()
-        self.started = time.time()
+        self.started_at = time.time()
         self.last_output = time.monotonic()
+        self.started = False  # the job's first output, or a rank's first beat
+        self.next_look = opts.startup_timeout  # seconds of silence at which to look next
+        # The looks at the current silence ("output") and at the current progress stall
+        # ("progress"), once there are any: output ends the one, not the other.
+        self.confirmations: dict[str, Confirmation] = {}
+        self.stall: StallEvent | None = None  # a progress stall a look found still moving
+        self.progress_look = 0.0  # when to look at that stall again
         self.sel = selectors.DefaultSelector()
         self.forward = {proc.stdout.fileno(): 1, proc.stderr.fileno(): 2}
         for fd in self.forward:
@@ -152,6 +179,10 @@ class _Watcher:
             say(f"received {signal.Signals(e.signum).name}: ending the job")
             self._end()
             return 128 + e.signum
+        except Exception as e:  # a bug of watch's own must not leave the job running
+            say(f"internal error ({type(e).__name__}: {e}): ending the job")
+            self._end()
+            raise
         finally:
             self.sel.close()
             if self.pidfd is not None:
@@ -162,31 +193,97 @@ class _Watcher:
     def _loop(self) -> int:
         while True:
             idle = time.monotonic() - self.last_output
-            if idle >= self.opts.timeout:
-                return self._hang(idle)
-            wait = min(self.opts.timeout - idle, TICK)
+            if idle >= self.next_look:
+                code = self._suspect(idle, "output", self._silence_reason(idle))
+                if code is not None:
+                    return code
+                continue
+            wait = min(self.next_look - idle, TICK)
             for key, _ in self.sel.select(timeout=wait):
                 if key.data == "exit":
                     return self._finished()
                 self._pump(key.fd)
             if self.pidfd is None and self.proc.poll() is not None:
                 return self._finished()
+            if not self.started and self.monitor.statuses():  # a rank's first beat
+                self._start_up_over()
             stalled = self._check_progress()
             if stalled is not None:
-                return self._hang(stalled.since, detector="progress", reason=(
+                code = self._suspect(stalled.since, "progress", (
                     f"{stalled.event.summary} (--progress-timeout "
                     f"{self.opts.progress_timeout:g})"))
+                if code is not None:
+                    return code
+
+    def _silence_reason(self, idle: float) -> str:
+        if not self.started:
+            return (f"no output for {idle:.0f} s since the job started (--startup-timeout "
+                    f"{self.opts.startup_timeout:g})")
+        return f"no output for {idle:.0f} s (--timeout {self.opts.timeout:g})"
+
+    def _start_up_over(self) -> None:
+        self.started = True
+        self.next_look = min(self.next_look, self.opts.timeout)
+
+    def _suspect(self, idle: float, detector: str, reason: str) -> int | None:
+        """A detector fired: looks at every process before calling it a hang. Returns the
+        exit code when it is one (or the ceiling is reached), None to keep watching."""
+
+        from hangkit.monitor.confirm import Confirmation  # only once something looks wrong
+
+        confirmation = self.confirmations.setdefault(detector, Confirmation())
+        ranks = self.monitor.statuses()
+        look = confirmation.look(self.monitor, ranks, self.tree.pids(), at=idle)
+        if self._moved_on(detector, confirmation):
+            return None
+        silent = time.monotonic() - self.last_output
+        ceiling = self.opts.ceiling if self.started else max(self.opts.ceiling,
+                                                            self.opts.startup_timeout)
+        moving = confirmation.progressing
+        if moving and silent < ceiling:
+            say(f"{'silent' if detector == 'output' else 'no progress beats'} for "
+                f"{idle:.0f} s, but {_progressing(moving)}; looking again in "
+                f"{self.opts.timeout:g} s")
+            self.next_look = silent + self.opts.timeout
+            self.progress_look = time.monotonic() + (self.opts.progress_timeout or 0.0)
+            return None
+        if moving:
+            look.verdict = "ceiling"
+            reason = (f"{reason}; ended at --max-silence {ceiling:g} although "
+                      f"{_progressing(moving)}")
+        return self._hang(silent if detector == "output" else idle, confirmation,
+                          detector=detector, reason=reason)
+
+    def _moved_on(self, detector: str, confirmation: Confirmation) -> bool:
+        """Whether the job ended, or (for silence) printed, while it was being looked at (a
+        look takes a second or two in which the pipes are not read)."""
+        before = self.last_output
+        for key, _ in self.sel.select(timeout=0):
+            if key.data == "exit":
+                return True  # the loop passes the exit code on
+            self._pump(key.fd)
+        if self.proc.poll() is not None or (detector == "output" and self.last_output != before):
+            return True
+        return confirmation.all_gone  # the job is ending by itself
 
     def _check_progress(self) -> _ProgressHang | None:
-        """Runs stall detection; says each new finding; returns a stall that counts as a hang."""
+        """Runs stall detection; says each new finding; returns a stall that counts as a hang:
+        a new one, or one still there a period after a look found ranks progressing."""
         hang = None
         for event in self.monitor.detect():
             say(f"[{event.kind}] {event.summary}")
             if self.opts.progress_timeout is not None and event.kind in HANG_KINDS:
-                since = min((r.since_progress for r in self.monitor.statuses()
-                             if r.rank in event.ranks), default=self.opts.progress_timeout)
-                hang = _ProgressHang(event, since)
-        return hang
+                hang = self.stall = event
+        if hang is None and self.stall is not None and time.monotonic() >= self.progress_look:
+            still = [e for e in self.monitor.active_events() if e.kind in HANG_KINDS]
+            self.stall = hang = still[0] if still else None
+            if hang is None:  # the ranks advanced again: a later stall starts afresh
+                self.confirmations.pop("progress", None)
+        if hang is None:
+            return None
+        since = min((r.since_progress for r in self.monitor.statuses() if r.rank in hang.ranks),
+                    default=self.opts.progress_timeout)
+        return _ProgressHang(hang, since)
 
     def _pump(self, fd: int) -> None:
         """Moves one chunk from the job to our stream; stops watching fd at end of file."""
@@ -198,6 +295,10 @@ class _Watcher:
             self.sel.unregister(fd)
             return
         self.last_output = time.monotonic()
+        if not self.started:
+            self._start_up_over()
+        self.next_look = self.opts.timeout
+        self.confirmations.pop("output", None)  # a new silence starts from nothing seen
         target = self.forward[fd]
         if target is not None and not write_all(target, data):
             self.forward[fd] = None  # our reader left; keep draining so the job never blocks
@@ -219,23 +320,24 @@ class _Watcher:
                 f"left running: {', '.join(str(p.pid) for p in leftovers)}")
         return 128 - code if code < 0 else code
 
-    def _hang(self, idle: float, *, detector: str = "output", reason: str | None = None) -> int:
+    def _hang(self, idle: float, confirmation: Confirmation, *, detector: str,
+              reason: str) -> int:
+        """Reports the hang the last look confirmed, from that look's capture, and ends the
+        job."""
         # Imported here: a job that never hangs should not pay for them at start-up.
-        from hangkit.monitor.capture import capture_job
         from hangkit.monitor.jobcontext import job_context
         from hangkit.monitor.report import build_report, render_summary
 
-        reason = reason or f"no output for {idle:.0f} s (--timeout {self.opts.timeout:g})"
-        say(f"{reason}: capturing stacks of every process of the job")
-        t0 = time.monotonic()
-        ranks = self.monitor.statuses()
-        snapshots = capture_job(self.monitor, ranks, self.tree.pids())
+        look = confirmation.looks[-1]
+        say(f"{reason}: confirmed by {len(confirmation.looks)} look(s) at every process "
+            f"of the job ({look.seconds:.1f} s)")
         context = {**job_context(self.env), "monitor": self.monitor.stats()}
         report = build_report(
             reason=reason, command=self.opts.command, idle_seconds=idle,
-            processes=snapshots, last_lines=self.tail.lines(), context=context,
-            started_at=self.started, capture_seconds=time.monotonic() - t0, detector=detector,
-            ranks=ranks, events=self.monitor.active_events())
+            processes=confirmation.snapshots, last_lines=self.tail.lines(),
+            context=context, started_at=self.started_at, capture_seconds=look.seconds,
+            detector=detector, ranks=self.monitor.statuses(),
+            events=self.monitor.active_events(), looks=confirmation.looks)
         paths = self._write(report)
         for line in render_summary(report):
             write_all(2, (line + "\n").encode())
@@ -270,3 +372,13 @@ class _Watcher:
         say(line)
         if result.survivors:
             say(f"WARNING: could not end: {', '.join(map(str, result.survivors))}")
+
+
+def _progressing(looks) -> str:
+    """'ranks 0-3 are progressing: rank 0 importing (torch/distributed/...); ...'"""
+    ranks = sorted({p.rank for p in looks if p.rank is not None})
+    shown = "; ".join(f"{'rank ' + str(p.rank) if p.rank is not None else 'pid ' + str(p.pid)}"
+                      f"{' worker' if p.role == 'dataloader-worker' else ''} {p.where}"
+                      for p in looks[:3]) + ("; ..." if len(looks) > 3 else "")
+    one = len(ranks) == 1 if ranks else len(looks) == 1
+    return f"{who(ranks, [p.pid for p in looks])} {'is' if one else 'are'} progressing: {shown}"

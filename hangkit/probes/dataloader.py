@@ -20,6 +20,11 @@ waits as long as its deadline allows, since its workers import torch before thei
 The dataset is TensorDataset, which spawned workers can unpickle (a class defined in a notebook
 or `python -c` could not: WJ-06).
 
+The result's data: `tries`, one dict per try in order, each with every key of TRY_KEYS
+(method, workers; ok: True, False, or None when not tried; hung: whether it waited past its
+DataLoader timeout or deadline; seconds, timeout, error, cause, and the timings of a try that
+ran, None where they do not apply); `largest_working`, `per_batch_seconds`, `spawn_ok`.
+
 HANGKIT_DOCTOR_WORKERS: comma-separated worker counts to try (default 0,1,2,4).
 HANGKIT_DOCTOR_DATALOADER_TIMEOUT: DataLoader(timeout=...) per try, seconds (default 10; less
 when the probe's deadline leaves less).
@@ -47,6 +52,8 @@ MARGIN = 1.0  # seconds kept back from the probe's deadline to report
 MIN_TRY = 2.0  # a try with less time than this is not started
 SPAWN_WEIGHT = 2.0  # a spawn try needs this many times MIN_TRY: its workers import torch
 CHILD_MARGIN = 1.0  # seconds a sub-child keeps back from its own deadline to report
+TRY_KEYS = ("method", "workers", "ok", "hung", "seconds", "timeout", "error", "cause",
+            "import_seconds", "batches", "first_batch_seconds", "per_batch_seconds")
 
 # The sub-child: one DataLoader pass with the given workers and start method, checked for every
 # sample; reports, then kills any worker left (a hung one) rather than wait for it at exit.
@@ -121,26 +128,32 @@ def run(ctx: ProbeContext) -> Outcome:
     tries, hung = [], None
     for i, (method, workers) in enumerate(plan):
         if method == "fork" and hung is not None:
-            tries.append({"method": method, "workers": workers, "ok": None,
-                          "error": f"not tried: fork with {hung} workers hung already"})
+            tries.append(record(method, workers, ok=None,
+                                error=f"not tried: fork with {hung} workers hung already"))
             continue
         # Each try may use all the time left but what the later ones need to start at all:
         # a try that works is done in seconds, one that hangs stops at its DataLoader timeout.
         later = sum(SPAWN_WEIGHT if m == "spawn" else 1.0 for m, _ in plan[i + 1:])
         share = ctx.remaining(MARGIN) - MIN_TRY * later
         if share < MIN_TRY:
-            tries.append({"method": method, "workers": workers, "ok": None,
-                          "error": "not tried: no time left"})
+            tries.append(record(method, workers, ok=None, error="not tried: no time left"))
             continue
         # Spawned workers import torch before their first batch: they get all the time left.
         limit = share if method == "spawn" else try_timeout
         child = run_python(CHILD, timeout=share, env=ctx.environ,
                            args=[str(workers), method, f"{share - CHILD_MARGIN:.3f}",
                                  f"{limit:.3f}", str(SAMPLES), str(FEATURES), str(BATCH)])
-        tries.append({"method": method, "workers": workers, **child.tried(MARKER, share)})
+        tries.append(record(method, workers, **child.tried(MARKER, share)))
         if workers and tries[-1].get("hung"):
             hung = workers
     return summarise(tries)
+
+
+def record(method: str, workers: int, **found) -> dict:
+    """One try with every key of TRY_KEYS: a child that ran out of time after importing torch,
+    or was killed before it could report, says less than one that finished."""
+    found.setdefault("hung", False)
+    return {**dict.fromkeys(TRY_KEYS), **found, "method": method, "workers": workers}
 
 
 def _counts(text: str | None) -> list[int]:

@@ -1,0 +1,190 @@
+"""Looking again before anything is called a hang.
+
+A detector fires on silence, or on a stall of the ranks' progress beats; neither proves the job
+is hung. Four ranks importing torch on a loaded machine are silent too, their stacks moving
+from module to module. So before a verdict, hangkit samples every Python process of the job
+SAMPLES times over about a second (the ranks' agents where they answer, py-spy without native
+frames for the rest: cheap), then captures them once as the report would, and classes each
+(records.Activity):
+
+- waiting: its stack never changed, and it is blocked (a syscall, a lock, a queue), or inside a
+  collective even at full CPU (MPI busy-polls while it waits: that is waiting, not work);
+- spinning: its stack never changed and it is on a CPU (a GIL-held C call, a livelock);
+- progressing: new stacks keep appearing (imports, compilation, a long forward pass);
+- looping: it keeps coming back to stacks it showed before (a retry loop, a training loop that
+  neither prints nor beats): not progress, whatever the CPU says.
+
+A job with a progressing rank or DataLoader worker is not hung: the caller keeps watching and
+looks again a period later, remembering the stacks seen so far, so that a loop slow enough to
+look like progress in one look is a loop in the next. The last look's capture, taken when no
+rank is progressing, is the picture the report, the tree and the diagnosis come from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from hangkit import pyspy
+from hangkit.monitor.capture import capture_job
+from hangkit.monitor.collectives import collective_of
+from hangkit.monitor.stacks import (
+    bare_name,
+    frame_text,
+    innermost_python_frame,
+    is_instrumentation,
+    main_location,
+    short_path,
+)
+from hangkit.procfs import runs_python
+from hangkit.records import (
+    Activity,
+    Look,
+    ProcessLook,
+    ProcessSnapshot,
+    ProcessState,
+    RankStatus,
+    Role,
+    ThreadStack,
+)
+
+SAMPLES = 5  # stack samples per process in one look, before its capture
+GAP = 0.25  # seconds between samples: with the capture, a look takes about 2 s
+SAMPLE_TIMEOUT = 2.0  # seconds one round of samples may take (py-spy on a loaded machine)
+AGENT_TIMEOUT = 0.5  # seconds the ranks' agents have to answer one sample
+# Processes whose activity decides whether the job is progressing.
+DECIDING = (Role.RANK, Role.DATALOADER_WORKER)
+
+Signature = tuple[tuple[str, str, int | None], ...]
+
+
+def signature(thread: ThreadStack | None) -> Signature | None:
+    """A thread's Python frames, as comparable as the agent's and py-spy's stacks allow (py-spy
+    qualifies method names, the agent does too from 3.11, so only the bare name counts)."""
+    if thread is None:
+        return None
+    return tuple((bare_name(f), f.file, f.line) for f in thread.frames
+                 if not f.native and not is_instrumentation(f)) or None
+
+
+def classify(history: list[Signature], look: list[Signature], *, busy: bool,
+             in_collective: bool) -> Activity:
+    """The activity of one process from its stacks: those of earlier looks at this silence
+    (`history`, oldest first) and this look's samples, in order. Pure."""
+    if not look:
+        return Activity.GONE
+    if len(set(look)) == 1:  # it stood still for the whole look, wherever it was before
+        return Activity.SPINNING if busy and not in_collective else Activity.WAITING
+    earlier = list(history)
+    new = returns = 0
+    for sig in look:
+        if sig not in earlier:
+            new += 1
+        elif sig != earlier[-1]:
+            returns += 1  # back at a stack it showed before, with others in between
+        earlier.append(sig)
+    return Activity.LOOPING if returns and new <= returns else Activity.PROGRESSING
+
+
+@dataclass
+class Confirmation:
+    """The looks at one silence (or stall), and the stacks they have seen, per process."""
+
+    looks: list[Look] = field(default_factory=list)
+    seen: dict[int | str, list[Signature]] = field(default_factory=lambda: defaultdict(list))
+    snapshots: list[ProcessSnapshot] = field(default_factory=list)  # the latest capture
+    progressing: list[ProcessLook] = field(default_factory=list)  # the latest look's
+
+    @property
+    def all_gone(self) -> bool:
+        """Whether the latest look found every rank and worker gone (exited, or unreadable)."""
+        deciding = [p for p in self.looks[-1].processes if p.role in DECIDING] \
+            if self.looks else []
+        return bool(deciding) and all(p.activity == Activity.GONE for p in deciding)
+
+    def look(self, monitor, ranks: list[RankStatus], pids: list[int], *, at: float,
+             samples: int = SAMPLES, gap: float = GAP) -> Look:
+        """Samples every Python process, captures them, classes each; returns the look (also
+        kept in .looks, its capture in .snapshots)."""
+        started = time.monotonic()
+        sampled: dict[int | str, list[Signature]] = defaultdict(list)
+        latest: dict[int | str, ThreadStack] = {}
+        python = [pid for pid in pids if runs_python(pid)]
+        agents = {r.key: r for r in ranks if not r.status.ended}
+        for i in range(samples):
+            if i:
+                time.sleep(gap)  # the samples must be spread to see a stack change
+            for who, thread in _sample(monitor, agents, python).items():
+                sig = signature(thread)
+                if sig is not None:
+                    sampled[who].append(sig)
+                    latest[who] = thread
+        self.snapshots = capture_job(monitor, ranks, pids)
+        processes = []
+        for s in self.snapshots:
+            if s.role == Role.LAUNCHER or not s.threads:
+                continue
+            who = s.pid if s.state != ProcessState.REMOTE else f"rank {s.rank}"
+            final = signature(s.main_thread)
+            mine = sampled.get(who, []) + ([final] if final is not None else [])
+            activity = classify(self.seen[who], mine, busy=s.state == ProcessState.BUSY,
+                                in_collective=collective_of(s.main_thread) is not None)
+            if s.state == ProcessState.EXITED:
+                activity = Activity.GONE
+            processes.append(ProcessLook(
+                pid=s.pid, rank=s.rank, role=s.role, activity=activity,
+                where=_doing(latest.get(who) or s.main_thread, s), cpu_percent=s.cpu_percent,
+                stacks=[_innermost(sig) for sig in mine], distinct=len(set(mine))))
+            self.seen[who].extend(mine)
+        look = Look(at=round(at, 1), seconds=round(time.monotonic() - started, 2),
+                    samples=samples, processes=processes)
+        self.progressing = [p for p in processes
+                            if p.activity == Activity.PROGRESSING and p.role in DECIDING]
+        look.verdict = "progressing" if self.progressing else "hung"
+        self.looks.append(look)
+        return look
+
+
+def _sample(monitor, agents: dict[str, RankStatus], pids: list[int]
+            ) -> dict[int | str, ThreadStack]:
+    """One stack sample of each process: main threads, keyed by pid (or "rank N" for a rank on
+    another node). The ranks' agents answer for their processes; py-spy, all at once and
+    without native frames (cheaper, and enough to see a stack move), for the rest. An agent
+    that does not answer (its main thread holds the GIL) is not asked again in this look."""
+    answered = monitor.request_stacks(list(agents), timeout=AGENT_TIMEOUT) if agents else {}
+    out: dict[int | str, ThreadStack] = {}
+    for key in [k for k in agents if k not in answered]:
+        del agents[key]
+    for key, threads in answered.items():
+        r = agents[key]
+        main = next((t for t in threads if t.is_main), threads[0] if threads else None)
+        if main is not None:
+            out[r.pid if r.host == monitor.host else key] = main
+    dumps = [(pid, pyspy.start_dump(pid, native=False)) for pid in pids if pid not in out]
+    ends_at = time.monotonic() + SAMPLE_TIMEOUT
+    for pid, proc in dumps:
+        result = pyspy.finish_dump(proc, pid, timeout=max(ends_at - time.monotonic(), 0.1))
+        main = next((t for t in result.threads if t.is_main), None)
+        if main is not None:
+            out[pid] = main
+    return out
+
+
+def _innermost(sig: Signature) -> str:
+    function, file, line = sig[-1]
+    return f"{function} ({short_path(file)}:{line})" if line else f"{function} ({file})"
+
+
+def _doing(thread: ThreadStack | None, snapshot: ProcessSnapshot) -> str:
+    """What a process is doing, in a few words: 'importing (torch/distributed/c10d.py)', or
+    where its main thread stands."""
+    if thread is None:
+        return main_location(snapshot)
+    if any("importlib._bootstrap" in f.file or bare_name(f) == "_find_and_load"
+           for f in thread.frames):
+        inner = innermost_python_frame(ThreadStack(0, None, [
+            f for f in thread.frames if "importlib" not in f.file]))
+        return f"importing ({short_path(inner.file)})" if inner else "importing"
+    inner = innermost_python_frame(thread)
+    return frame_text(inner) if inner else main_location(snapshot)

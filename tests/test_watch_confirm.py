@@ -1,0 +1,77 @@
+"""Verdicts that can be trusted: watch looks at every process before it calls a hang. A job
+that is silent but progressing is left alone; one that waits, spins or loops is caught. Real
+programs under `hangkit watch`; the classification itself is a pure function, tested beside."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import program
+
+from hangkit.monitor.confirm import classify
+from hangkit.records import Activity
+
+HANG = 124
+A, B, C, D, E = ((("f", f"/home/u/{x}.py", 1),) for x in "abcde")
+
+
+@pytest.mark.parametrize("history, look, busy, inside, expected", [
+    ([], [A, A, A], False, False, Activity.WAITING),
+    ([], [A, A, A], True, False, Activity.SPINNING),
+    ([], [A, A, A], True, True, Activity.WAITING),  # MPI busy-polls inside a collective
+    ([B], [A, A], False, False, Activity.WAITING),  # it moved since, and now stands still
+    ([], [A, B, C, D], True, False, Activity.PROGRESSING),
+    ([], [A, A, B, B, C], False, False, Activity.PROGRESSING),
+    ([], [A, B, A, B], False, False, Activity.LOOPING),
+    ([A, B], [A, B, A], True, False, Activity.LOOPING),  # a loop slower than one look
+    ([A, B, C], [D, E], True, False, Activity.PROGRESSING),
+    ([A, B, C], [A, D, E], True, False, Activity.PROGRESSING),  # mostly new
+    ([A, B, C], [A, D, E, B], True, False, Activity.LOOPING),  # as much old as new
+    ([], [], False, False, Activity.GONE),
+])
+def test_classify(history, look, busy, inside, expected):
+    assert classify(history, look, busy=busy, in_collective=inside) == expected
+
+
+def test_a_silent_job_that_keeps_progressing_is_left_to_finish(run_watch):
+    # Silent for three timeouts while its stack moves from import to import, then done.
+    run = run_watch(program("busy_silent.py") + ["6"], options=["--timeout", "2", "--grace", "1"],
+                    timeout=240)
+    assert run.returncode == 0, run.err
+    assert "imported" in run.stdout.decode()
+    assert "progressing: " in run.err and "importing (" in run.err, run.err
+    assert not run.report_dir.exists()
+
+
+def test_a_ceiling_ends_even_a_progressing_job_and_says_so(run_watch):
+    run = run_watch(program("busy_silent.py") + ["600"],
+                    options=["--timeout", "1", "--max-silence", "4", "--grace", "1"],
+                    timeout=240)
+    assert run.returncode == HANG, run.err
+    report = run.report
+    assert "--max-silence 4" in report["reason"] and "progressing" in report["reason"]
+    assert report["looks"][-1]["verdict"] == "ceiling"
+    assert report["idle_seconds"] >= 4
+
+
+def test_a_retry_loop_is_caught_and_called_looping(run_watch):
+    run = run_watch(program("retry_loop.py"), options=["--timeout", "1", "--grace", "1"],
+                    timeout=240)
+    assert run.returncode == HANG, run.err
+    report = run.report
+    (ready,) = run.ready_records()
+    (loop,) = [d for d in report["diagnosis"] if d["kind"] == "looping"]
+    assert loop["pids"] == [ready["pid"]]
+    assert "try_to_connect" in loop["summary"] and "back_off" in loop["summary"], loop
+    (last,) = [p for p in report["looks"][-1]["processes"] if p["pid"] == ready["pid"]]
+    assert last["activity"] == "looping" and last["distinct"] >= 2
+    assert "What hangkit saw before calling it:" in run.err
+
+
+def test_a_rank_holding_the_gil_in_one_c_call_is_caught_spinning(run_watch):
+    run = run_watch(program("gil_held.py"), options=["--timeout", "2", "--grace", "1"],
+                    timeout=240)
+    assert run.returncode == HANG, run.err
+    (ready,) = run.ready_records()
+    (last,) = [p for p in run.report["looks"][-1]["processes"] if p["pid"] == ready["pid"]]
+    assert last["activity"] == "spinning", last
+    assert "hold_the_gil" in last["where"]
