@@ -39,6 +39,10 @@ def _seconds_argument(text: str) -> float:
     return value
 
 
+def _progress_timeout_argument(text: str) -> float | str:
+    return "auto" if text.strip().lower() == "auto" else _seconds_argument(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hangkit", description="Catch, locate and explain hangs in "
                      "distributed PyTorch training.")
@@ -56,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--timeout", type=_seconds_argument, default=None, metavar="S",
                    help="seconds without output that count as a hang (default: $HANG_TIMEOUT, "
                    f"else {DEFAULT_TIMEOUT:g})")
-    w.add_argument("--progress-timeout", type=_seconds_argument, default=None, metavar="S",
-                   help="seconds without hangkit.progress() from the ranks that count as a "
-                   "hang, even while output continues (default: off; progress is still "
-                   "reported)")
+    w.add_argument("--progress-timeout", type=_progress_timeout_argument, default=None,
+                   metavar="S|auto", help="seconds without hangkit.progress() from the ranks "
+                   "that count as a hang, even while output continues; auto: 5 x the 95th "
+                   "percentile of the ranks' recent step intervals, at least 30 s, once 5 "
+                   "steps were seen (default: off; progress is still reported)")
     w.add_argument("--startup-timeout", type=_seconds_argument, default=1800.0, metavar="S",
                    help="seconds of silence that count as a hang before the job's first output "
                    "or its ranks' first progress beat: start-up on many nodes takes minutes "
@@ -135,7 +140,7 @@ def _watch(args) -> int:
             raise UsageError(f"HANG_TIMEOUT is not a number of seconds: {env_value!r}") from None
     check_positive_seconds("--timeout", timeout)
     check_seconds_or_zero("--grace", args.grace)
-    if args.progress_timeout is not None:
+    if args.progress_timeout not in (None, "auto"):
         check_positive_seconds("--progress-timeout", args.progress_timeout)
     check_positive_seconds("--startup-timeout", args.startup_timeout)
     if args.max_silence is not None:

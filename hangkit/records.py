@@ -44,6 +44,7 @@ class RankState(enum.StrEnum):
     """The monitor's word for a rank (collector._status decides)."""
 
     RUNNING = "running"
+    BUSY = "busy"  # silent for stall_after, but a look saw its stack progressing
     IDLE = "idle"  # an engine between notebook cells: waiting by intent, never stalled
     WAITING = "waiting"  # stopped inside a collective, waiting for its peers
     SLOW = "slow"  # a straggler
@@ -484,6 +485,8 @@ class Look(_Record):
     samples: int  # stack samples per process
     processes: list[ProcessLook] = field(default_factory=list)
     verdict: str = ""  # what was decided: "hung", "progressing", "ceiling"
+    capture_seconds: float = 0.0  # of `seconds`, the capture's: the rest is what looking adds
+    cpu_seconds: float = 0.0  # CPU it cost this process and its children (py-spy)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Look:

@@ -188,7 +188,7 @@ def test_progress_without_a_monitor_is_harmless():
         assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
 
 
-@pytest.mark.parametrize("value", ["-1", "0", "nan"])
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "soon"])
 def test_bad_progress_timeout_is_one_line(value, capsys):
     from hangkit.cli import main
 

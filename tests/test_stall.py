@@ -432,3 +432,46 @@ def test_idle_ranks_are_never_stalled_and_do_not_hide_a_stall_of_the_others():
     events = of_kind(job.run(31, 40), *HANGS)
     assert [e.ranks for e in events] == [[0, 1]]
     assert job.status(40) == {0: "stalled", 1: "stalled", 2: "idle", 3: "idle"}
+
+
+def test_a_rank_a_look_saw_progressing_is_busy_not_stalled_until_that_is_old():
+    """The classes watch decides by, in the monitor: a silent rank whose stack a look saw
+    moving reads busy; while it does, its peers waiting for it are no stall; after stall_after
+    without another look saying so, it is judged (and reported) again."""
+    stall_after = 10.0
+    job = Job(4, stall_after=stall_after)
+    train_together(job, 10)
+    enter_td01(job, 10, 41)  # rank 2 leaves the loop; ranks 0,1,3 wait for it
+    seen = 10 + stall_after - 1
+    job.run(11, seen)
+    job.collector.mark_progressing("rank 2", seen)  # a look: its stack keeps moving
+    busy = job.run(seen + 1, seen + stall_after - 1)
+    assert not of_kind(busy, *HANGS), kinds(busy)
+    assert job.status(seen + 2) == {0: "waiting", 1: "waiting", 2: "busy", 3: "waiting"}
+    later = job.run(seen + stall_after, seen + stall_after + 1)
+    assert kinds(later) == [("stall", [2])], [e.to_json() for e in later]
+    assert job.status(seen + stall_after) == {0: "waiting", 1: "waiting", 2: "stalled",
+                                              3: "waiting"}
+
+
+def test_auto_stall_after_is_five_times_the_high_step_interval_with_a_floor():
+    job = Job(2, stall_after=3.0, auto=True)  # stall_after is the floor
+    assert job.detector.config.stall_after_now(job.collector) == float("inf")  # no steps yet
+
+    def steps_every(seconds: float, start: float, count: int) -> float:
+        t = start
+        for i in range(count):
+            for r in job.ranks:
+                r.progress(t, step=i, phase="train")
+            job.beat(t)
+            t += seconds
+        return t
+
+    t = steps_every(0.4, 0.0, 12)  # 0.4 s steps: 5 x 0.4 = 2 s, under the floor
+    assert job.detector.config.stall_after_now(job.collector) == 3.0
+    t = steps_every(2.0, t, 12)  # slower steps: 5 x 2 s
+    assert job.detector.config.stall_after_now(job.collector) == pytest.approx(10.0)
+    quiet = job.run(t - 1, t + 6)  # up to 8 s since the last step (at t - 2): not yet
+    assert not of_kind(quiet, *HANGS), kinds(quiet)
+    events = job.run(t + 7, t + 10)  # past 10 s: a stall, judged by the step times
+    assert of_kind(events, "stall"), kinds(events)

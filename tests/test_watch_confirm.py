@@ -19,6 +19,8 @@ A, B, C, D, E = ((("f", f"/home/u/{x}.py", 1),) for x in "abcde")
     ([], [A, A, A], True, False, Activity.SPINNING),
     ([], [A, A, A], True, True, Activity.WAITING),  # MPI busy-polls inside a collective
     ([B], [A, A], False, False, Activity.WAITING),  # it moved since, and now stands still
+    ([A, B], [A, A, A], False, False, Activity.LOOPING),  # back where it was, again
+    ([A, A], [A, A], True, False, Activity.SPINNING),  # it never moved
     ([], [A, B, C, D], True, False, Activity.PROGRESSING),
     ([], [A, A, B, B, C], False, False, Activity.PROGRESSING),
     ([], [A, B, A, B], False, False, Activity.LOOPING),
@@ -59,7 +61,9 @@ def test_a_retry_loop_is_caught_and_called_looping(run_watch):
     assert run.returncode == HANG, run.err
     report = run.report
     (ready,) = run.ready_records()
-    (loop,) = [d for d in report["diagnosis"] if d["kind"] == "looping"]
+    looping = [d for d in report["diagnosis"] if d["kind"] == "looping"]
+    assert len(looping) == 1, (report["diagnosis"], report["looks"])
+    (loop,) = looping
     assert loop["pids"] == [ready["pid"]]
     assert "try_to_connect" in loop["summary"] and "back_off" in loop["summary"], loop
     (last,) = [p for p in report["looks"][-1]["processes"] if p["pid"] == ready["pid"]]

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 COLOURS = {
     RankState.RUNNING: "#2e7d32",  # green
+    RankState.BUSY: "#00838f",  # teal: no beat for a while, but its stack keeps moving
     RankState.IDLE: "#78909c",  # grey-blue: an engine between cells, not working by intent
     RankState.WAITING: "#f9a825",  # amber: stopped inside a collective, waiting for its peers
     RankState.SLOW: "#ef6c00",  # orange: a straggler
@@ -55,7 +56,8 @@ COLOURS = {
 }
 TEXT_COLOURS = {RankState.WAITING: "black"}  # white on the others; amber is too light for it
 BAR_STYLES = {
-    RankState.RUNNING: "success", RankState.IDLE: "", RankState.FINISHED: "info",
+    RankState.RUNNING: "success", RankState.BUSY: "info", RankState.IDLE: "",
+    RankState.FINISHED: "info",
     RankState.WAITING: "warning", RankState.SLOW: "warning",
     RankState.STALLED: "danger", RankState.DEAD: "danger", RankState.ERRORED: "danger",
 }

@@ -12,7 +12,9 @@ import logging
 import threading
 
 from hangkit.jupyter.dashboard import Dashboard
+from hangkit.jupyter.livestacks import look_at_engines
 from hangkit.monitor.stall import HANG_KINDS
+from hangkit.text import ranks_phrase
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,16 @@ class LiveDashboard:
         hangs = [e for e in new if e.kind in AUTO_CAPTURE]
         if hangs and self.auto_capture:
             with contextlib.suppress(Exception):
-                tree, diagnoses = self.cluster.stacks()
-                self.dashboard.show_stacks(tree, diagnoses,
-                                           note=f"captured on [{hangs[0].kind}] "
-                                                f"{hangs[0].summary}")
+                report = look_at_engines(self.cluster, why=f"[{hangs[0].kind}] "
+                                                           f"{hangs[0].summary}")
+                moving = [p for p in report.looks[-1].processes
+                          if p.activity == "progressing" and p.rank is not None]
+                note = f"captured on [{hangs[0].kind}] {hangs[0].summary}"
+                if moving:  # as watch would: not a hang while a rank progresses
+                    note += (f"; but {ranks_phrase(p.rank for p in moving)} "
+                             f"{'is' if len(moving) == 1 else 'are'} progressing (busy)")
+                self.dashboard.show_stacks(report.tree, report.diagnosis, note=note)
+                self.dashboard.update(self.cluster.monitor.statuses(), ())
         self.dashboard.flush()
         self.ticks += 1
 

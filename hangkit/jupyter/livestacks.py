@@ -1,22 +1,22 @@
 """Stacks of a cluster's engines and of their children (DataLoader workers), merged.
 
-The same path as `hangkit watch`: capture_job, then build_report, whose tree and diagnosis
-the notebook shows."""
+The same path as `hangkit watch`: a look at every engine (monitor/confirm.py: samples, then one
+capture_job), then build_report, whose tree and diagnosis the notebook shows. The look goes to
+the monitor too, so an engine seen progressing reads busy, not stalled, on the dashboard: the
+classes watch decides by.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import time
 
-from hangkit.records import Diagnosis, ProcessSnapshot, RankStatus, TreeNode
+from hangkit.records import Diagnosis, HangReport, TreeNode
 
 
-def engine_processes(cluster, ranks: list[RankStatus]) -> list[ProcessSnapshot]:
-    """Every engine's stacks (its agent; faulthandler when the GIL is held) and, for engines
-    on this host, their children's (py-spy)."""
+def engine_pids(cluster) -> list[int]:
+    """The engines on this host and their children (DataLoader workers); engines on other
+    nodes are seen through their agents only."""
     import psutil
-
-    from hangkit.monitor.capture import capture_job
 
     pids = []
     for info in cluster.engines.values():
@@ -25,22 +25,31 @@ def engine_processes(cluster, ranks: list[RankStatus]) -> list[ProcessSnapshot]:
         with contextlib.suppress(psutil.Error):
             proc = psutil.Process(info["pid"])
             pids += [proc.pid] + [c.pid for c in proc.children(recursive=True)]
-    return capture_job(cluster.monitor, ranks, pids)
+    return pids
+
+
+def look_at_engines(cluster, *, why: str = "stacks captured from the notebook") -> HangReport:
+    """One look at every engine, as a report (not written anywhere): its processes, tree,
+    diagnosis and the look itself (report.looks[-1]: who is progressing)."""
+    from hangkit.monitor.confirm import Confirmation
+    from hangkit.monitor.report import build_report
+
+    monitor = cluster.monitor
+    ranks = monitor.statuses()
+    confirmation = Confirmation()
+    look = confirmation.look(monitor, ranks, engine_pids(cluster), at=0.0)
+    monitor.note_look(look)
+    return build_report(reason=why, command=[], idle_seconds=0.0,
+                        processes=confirmation.snapshots, last_lines=[], context={},
+                        detector="notebook", capture_seconds=look.capture_seconds,
+                        ranks=ranks, events=monitor.active_events(), looks=[look])
 
 
 def capture_engines(cluster) -> tuple[TreeNode | None, list[Diagnosis]]:
     """The merged tree and the diagnosis of the engines as they are now."""
-    from hangkit.monitor.report import build_report
-
-    started = time.monotonic()
-    ranks = cluster.monitor.statuses()
-    processes = engine_processes(cluster, ranks)
-    if not processes:
+    report = look_at_engines(cluster)
+    if not report.processes:
         return None, []
-    report = build_report(reason="stacks captured from the notebook", command=[],
-                          idle_seconds=0.0, processes=processes, last_lines=[], context={},
-                          detector="notebook", capture_seconds=time.monotonic() - started,
-                          ranks=ranks, events=cluster.monitor.active_events())
     return report.tree, report.diagnosis
 
 

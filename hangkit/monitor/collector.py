@@ -12,6 +12,7 @@ from hangkit.records import Beat, RankState, RankStatus
 
 # Step rates and work per step are measured over the beats of this many recent seconds.
 WINDOW = 10.0
+INTERVALS = 100  # step intervals kept per rank, for --progress-timeout auto
 
 
 @dataclass
@@ -24,6 +25,9 @@ class Track:
     last_beat: float  # when the latest beat arrived
     advanced_at: float  # when the rank last called progress(), in the monitor's clock
     finished: bool = False  # said goodbye
+    progressing_at: float | None = None  # when a look last saw its stack progressing
+    step_at: float | None = None  # when its step last changed
+    intervals: deque = field(default_factory=lambda: deque(maxlen=INTERVALS))  # between them
     gone: bool = False  # its process is known to have exited without saying goodbye
     history: deque = field(default_factory=lambda: deque(maxlen=64))  # (t, step, coll_seconds)
 
@@ -72,6 +76,10 @@ class Collector:
                 track.advanced_at = advanced_at
             track.beat, track.identity, track.last_beat = beat, identity, now
             track.gone = False
+        if beat.step is not None and (track.step_at is None or beat.step != track.history[-1][1]):
+            if track.step_at is not None:
+                track.intervals.append(now - track.step_at)
+            track.step_at = now
         track.history.append((now, beat.step, beat.collective_seconds))
         while now - track.history[0][0] > WINDOW:
             track.history.popleft()
@@ -80,6 +88,18 @@ class Collector:
         if beat.world_size:
             self.world_size = beat.world_size
         return track
+
+    def step_intervals(self) -> list[float]:
+        """The recent seconds between step changes, every rank's (beats arrive about once a
+        second, so steps shorter than that count as their beat interval: a floor, not a
+        figure)."""
+        return [x for t in self.tracks.values() for x in t.intervals]
+
+    def mark_progressing(self, key: str, now: float) -> None:
+        """A look saw this rank's stack progressing: silent, but not stalled (for a while)."""
+        track = self.tracks.get(key)
+        if track is not None:
+            track.progressing_at = now
 
     def mark_gone(self, key: str) -> None:
         track = self.tracks.get(key)
@@ -101,8 +121,8 @@ class Collector:
                     collective, seconds=round(collective.seconds + beat_age, 3))
             out.append(RankStatus(
                 key=track.key, rank=beat.rank, pid=beat.pid, host=beat.host,
-                status=_status(track, beat_age, since, scores.get(track.key), stall_after,
-                               dead_after, slow_score),
+                status=_status(track, now, beat_age, since, scores.get(track.key),
+                               stall_after, dead_after, slow_score),
                 step=beat.step, phase=beat.phase,
                 phase_seconds=round(beat.phase_seconds + beat_age, 3),
                 since_progress=round(since, 3), beat_age=round(beat_age, 3),
@@ -148,7 +168,7 @@ def _median_without(ordered: list[float], i: int) -> float:
 IDLE_PHASE = "idle"
 
 
-def _status(track: Track, beat_age: float, since: float, score: float | None,
+def _status(track: Track, now: float, beat_age: float, since: float, score: float | None,
             stall_after: float, dead_after: float, slow_score: float) -> RankState:
     if track.finished:
         return RankState.ERRORED if track.beat.error else RankState.FINISHED
@@ -157,6 +177,11 @@ def _status(track: Track, beat_age: float, since: float, score: float | None,
     if track.beat.phase == IDLE_PHASE:
         return RankState.IDLE
     if since >= stall_after:
+        seen = track.progressing_at
+        # A look saw it progressing since it last advanced: busy, until that is stall_after
+        # old, when it is judged again (a look, or the stall it then is).
+        if seen is not None and seen >= track.advanced_at and now - seen < stall_after:
+            return RankState.BUSY
         collective = track.beat.collective
         inside = collective is not None and collective.inside
         return RankState.WAITING if inside else RankState.STALLED

@@ -22,6 +22,7 @@ rank is progressing, is the picture the report, the tree and the diagnosis come 
 
 from __future__ import annotations
 
+import resource
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -74,7 +75,9 @@ def classify(history: list[Signature], look: list[Signature], *, busy: bool,
     (`history`, oldest first) and this look's samples, in order. Pure."""
     if not look:
         return Activity.GONE
-    if len(set(look)) == 1:  # it stood still for the whole look, wherever it was before
+    if len(set(look)) == 1:  # it stood still for the whole look
+        if look[0] in history and len(set(history)) > 1:
+            return Activity.LOOPING  # but it has been elsewhere since, and came back
         return Activity.SPINNING if busy and not in_collective else Activity.WAITING
     earlier = list(history)
     new = returns = 0
@@ -107,7 +110,7 @@ class Confirmation:
              samples: int = SAMPLES, gap: float = GAP) -> Look:
         """Samples every Python process, captures them, classes each; returns the look (also
         kept in .looks, its capture in .snapshots)."""
-        started = time.monotonic()
+        started, cpu_before = time.monotonic(), _cpu_seconds()
         sampled: dict[int | str, list[Signature]] = defaultdict(list)
         latest: dict[int | str, ThreadStack] = {}
         python = [pid for pid in pids if runs_python(pid)]
@@ -120,7 +123,9 @@ class Confirmation:
                 if sig is not None:
                     sampled[who].append(sig)
                     latest[who] = thread
+        captured = time.monotonic()
         self.snapshots = capture_job(monitor, ranks, pids)
+        capture_seconds = time.monotonic() - captured
         processes = []
         for s in self.snapshots:
             if s.role == Role.LAUNCHER or not s.threads:
@@ -138,7 +143,9 @@ class Confirmation:
                 stacks=[_innermost(sig) for sig in mine], distinct=len(set(mine))))
             self.seen[who].extend(mine)
         look = Look(at=round(at, 1), seconds=round(time.monotonic() - started, 2),
-                    samples=samples, processes=processes)
+                    samples=samples, processes=processes,
+                    capture_seconds=round(capture_seconds, 2),
+                    cpu_seconds=round(_cpu_seconds() - cpu_before, 3))
         self.progressing = [p for p in processes
                             if p.activity == Activity.PROGRESSING and p.role in DECIDING]
         look.verdict = "progressing" if self.progressing else "hung"
@@ -169,6 +176,13 @@ def _sample(monitor, agents: dict[str, RankStatus], pids: list[int]
         if main is not None:
             out[pid] = main
     return out
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its children waited for (the py-spy runs)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), \
+        resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _innermost(sig: Signature) -> str:

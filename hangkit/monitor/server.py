@@ -108,6 +108,16 @@ class Monitor:
         with self.lock:
             return list(self.detector.active.values())
 
+    def note_look(self, look) -> None:
+        """What a look (monitor/confirm.py) saw: ranks it found progressing read as busy, not
+        stalled, in statuses() and stall detection, the same classes for watch and notebook."""
+        now = self.clock()
+        with self.lock:
+            for p in look.processes:
+                if p.activity == "progressing" and p.role == "rank":
+                    key = f"rank {p.rank}" if p.rank is not None else f"pid {p.pid}"
+                    self.collector.mark_progressing(key, now)
+
     def stats(self) -> dict:
         """What a report says about the monitor: where it listened, what it took and refused."""
         with self.lock:

@@ -20,12 +20,32 @@ ADVANCE_MARGIN = 1.0
 HANG_KINDS = ("stall", "stopped")
 
 
+# --progress-timeout auto: AUTO_FACTOR times the AUTO_PERCENTILE of the ranks' recent step
+# intervals, never under the floor (NVIDIA's ft_launcher derives its timeouts alike, with a
+# safety factor of 5). Until AUTO_MIN_INTERVALS steps were seen, nothing counts as a stall.
+AUTO_FACTOR = 5.0
+AUTO_PERCENTILE = 0.95
+AUTO_FLOOR = 30.0
+AUTO_MIN_INTERVALS = 5
+
+
 @dataclass
 class StallConfig:
     stall_after: float = 60.0  # seconds without progress that make a rank stopped
     dead_after: float = 5.0  # seconds without a beat that make a rank dead
     straggler_score: float = 2.0  # work per step, against the other ranks' median
     desync_after: float = 2.0  # ranks in different collectives for this long is a desync
+    auto: bool = False  # stall_after from the step intervals seen, stall_after its floor
+
+    def stall_after_now(self, collector: Collector) -> float:
+        """The stall_after in force: fixed, or (auto) derived from the recent steps."""
+        if not self.auto:
+            return self.stall_after
+        intervals = sorted(collector.step_intervals())
+        if len(intervals) < AUTO_MIN_INTERVALS:
+            return float("inf")
+        high = intervals[min(int(AUTO_PERCENTILE * len(intervals)), len(intervals) - 1)]
+        return max(self.stall_after, AUTO_FACTOR * high)
 
 
 class StallDetector:
@@ -34,11 +54,13 @@ class StallDetector:
         self.config = config or StallConfig()
         self.active: dict[tuple, StallEvent] = {}
         self._desync_since: dict[tuple, float] = {}
+        self.stall_after = self.config.stall_after  # as last derived (auto)
 
     def statuses(self, now: float) -> list[RankStatus]:
         c = self.config
-        return self.collector.statuses(now, stall_after=c.stall_after, dead_after=c.dead_after,
-                                       slow_score=c.straggler_score)
+        self.stall_after = c.stall_after_now(self.collector)
+        return self.collector.statuses(now, stall_after=self.stall_after,
+                                       dead_after=c.dead_after, slow_score=c.straggler_score)
 
     def step(self, now: float) -> list[StallEvent]:
         ranks = self.statuses(now)
@@ -72,7 +94,10 @@ class StallDetector:
         # An idle rank (an engine between cells) waits by intent: it is never stopped.
         live = [r for r in ranks if not r.status.ended and r.status != RankState.IDLE]
         dead = [r for r in ranks if r.status == RankState.DEAD]
-        stopped = [r for r in live if r.since_progress >= self.config.stall_after]
+        # A busy rank (silent, but a look saw it progressing) has not stopped: while one is,
+        # the others wait for it, and that is no stall yet.
+        stopped = [r for r in live if r.since_progress >= self.stall_after
+                   and r.status != RankState.BUSY]
         if not stopped:
             return {}
         # Others "still advance" only if they advanced well after the stopped ranks last did:

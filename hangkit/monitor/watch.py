@@ -27,7 +27,7 @@ from hangkit.errors import UsageError, check_positive_seconds, check_seconds_or_
 from hangkit.monitor.jobtree import MARKER_VARIABLE, JobTree, become_subreaper
 from hangkit.monitor.output import OutputTail, write_all
 from hangkit.monitor.server import Monitor
-from hangkit.monitor.stall import HANG_KINDS, StallConfig
+from hangkit.monitor.stall import AUTO_FLOOR, HANG_KINDS, StallConfig
 from hangkit.monitor.terminate import end_job
 from hangkit.records import StallEvent
 from hangkit.text import who
@@ -45,6 +45,7 @@ DRAIN_SECONDS = 2.0
 # before 5.3, how often the first process is polled).
 TICK = 0.25
 MAX_SILENCE_FACTOR = 10
+AUTO = "auto"  # --progress-timeout auto
 
 
 @dataclass
@@ -54,7 +55,8 @@ class WatchOptions:
     grace: float = 30.0
     report_dir: Path | None = None
     setup_env: bool = True
-    progress_timeout: float | None = None  # None: progress is reported, never a hang by itself
+    # None: progress is reported, never a hang by itself; "auto": derived from the step times.
+    progress_timeout: float | str | None = None
     bind: str = "127.0.0.1"  # where the monitor listens for the ranks' agents
     # Until the job's first output or a rank's first beat, silence is judged against this:
     # torch and NCCL initialisation on hundreds of nodes takes minutes.
@@ -100,7 +102,7 @@ def watch(opts: WatchOptions) -> int:
     """Runs the command to its end or its hang. Returns the exit code for the watcher."""
     check_positive_seconds("timeout", opts.timeout)
     check_seconds_or_zero("grace", opts.grace)
-    if opts.progress_timeout is not None:
+    if opts.progress_timeout not in (None, AUTO):
         check_positive_seconds("progress_timeout", opts.progress_timeout)
     check_positive_seconds("startup_timeout", opts.startup_timeout)
     if opts.max_silence is not None:
@@ -114,10 +116,11 @@ def watch(opts: WatchOptions) -> int:
             say(f"set {change}")
     marker = uuid.uuid4().hex
     env[MARKER_VARIABLE] = marker
-    stall_after = opts.progress_timeout or opts.timeout
+    auto = opts.progress_timeout == AUTO
+    stall_after = AUTO_FLOOR if auto else opts.progress_timeout or opts.timeout
     # A desync must be established before the stall it causes is reported as a hang.
     monitor = Monitor(bind=opts.bind, config=StallConfig(
-        stall_after=stall_after, desync_after=min(2.0, stall_after / 2)))
+        stall_after=stall_after, desync_after=min(2.0, stall_after / 2), auto=auto))
     env.update(monitor.environment())
     become_subreaper()
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -211,9 +214,14 @@ class _Watcher:
             if stalled is not None:
                 code = self._suspect(stalled.since, "progress", (
                     f"{stalled.event.summary} (--progress-timeout "
-                    f"{self.opts.progress_timeout:g})"))
+                    f"{self._progress_timeout()})"))
                 if code is not None:
                     return code
+
+    def _progress_timeout(self) -> str:
+        if self.opts.progress_timeout == AUTO:
+            return f"auto: {self.monitor.detector.stall_after:.0f} s from the step times"
+        return f"{self.opts.progress_timeout:g}"
 
     def _silence_reason(self, idle: float) -> str:
         if not self.started:
@@ -234,6 +242,7 @@ class _Watcher:
         confirmation = self.confirmations.setdefault(detector, Confirmation())
         ranks = self.monitor.statuses()
         look = confirmation.look(self.monitor, ranks, self.tree.pids(), at=idle)
+        self.monitor.note_look(look)  # a progressing rank reads busy, not stalled, meanwhile
         if self._moved_on(detector, confirmation):
             return None
         silent = time.monotonic() - self.last_output
@@ -245,7 +254,7 @@ class _Watcher:
                 f"{idle:.0f} s, but {_progressing(moving)}; looking again in "
                 f"{self.opts.timeout:g} s")
             self.next_look = silent + self.opts.timeout
-            self.progress_look = time.monotonic() + (self.opts.progress_timeout or 0.0)
+            self.progress_look = time.monotonic() + self.monitor.detector.stall_after
             return None
         if moving:
             look.verdict = "ceiling"
@@ -282,7 +291,7 @@ class _Watcher:
         if hang is None:
             return None
         since = min((r.since_progress for r in self.monitor.statuses() if r.rank in hang.ranks),
-                    default=self.opts.progress_timeout)
+                    default=self.monitor.detector.stall_after)
         return _ProgressHang(hang, since)
 
     def _pump(self, fd: int) -> None:
@@ -335,7 +344,7 @@ class _Watcher:
         report = build_report(
             reason=reason, command=self.opts.command, idle_seconds=idle,
             processes=confirmation.snapshots, last_lines=self.tail.lines(),
-            context=context, started_at=self.started_at, capture_seconds=look.seconds,
+            context=context, started_at=self.started_at, capture_seconds=look.capture_seconds,
             detector=detector, ranks=self.monitor.statuses(),
             events=self.monitor.active_events(), looks=confirmation.looks)
         paths = self._write(report)
