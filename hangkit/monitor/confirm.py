@@ -128,8 +128,8 @@ class Confirmation:
         capture_seconds = time.monotonic() - captured
         processes = []
         for s in self.snapshots:
-            if s.role == Role.LAUNCHER or not s.threads:
-                continue
+            if s.role == Role.LAUNCHER or (not s.threads and s.state != ProcessState.EXITED):
+                continue  # no Python to judge (a shell, mpiexec), or nothing read
             who = s.pid if s.state != ProcessState.REMOTE else f"rank {s.rank}"
             final = signature(s.main_thread)
             mine = sampled.get(who, []) + ([final] if final is not None else [])

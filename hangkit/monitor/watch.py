@@ -236,7 +236,6 @@ class _Watcher:
     def _suspect(self, idle: float, detector: str, reason: str) -> int | None:
         """A detector fired: looks at every process before calling it a hang. Returns the
         exit code when it is one (or the ceiling is reached), None to keep watching."""
-
         from hangkit.monitor.confirm import Confirmation  # only once something looks wrong
 
         confirmation = self.confirmations.setdefault(detector, Confirmation())
