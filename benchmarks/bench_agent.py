@@ -48,7 +48,14 @@ import time
 from pathlib import Path
 
 import psutil
-from benchrun import MARKER, MARKER_VALUE, marked_processes, measure_all, print_summary
+from benchrun import (
+    MARKER,
+    MARKER_VALUE,
+    judged,
+    marked_processes,
+    measure_all,
+    print_summary,
+)
 
 from hangkit.agent import current_agent, progress, start_agent, stop_agent
 from hangkit.monitor.merge import groups, merged_tree
@@ -70,12 +77,6 @@ def job_env(**extra: str) -> dict[str, str]:
     """Our environment without any monitor's address, plus extra and the marker."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HANGKIT_MONITOR")}
     return {**env, **extra, MARKER: MARKER_VALUE}
-
-
-def judged(what: str, shown: str, goal: str, ratio: float, met: bool) -> tuple[bool, str]:
-    """A figure's line: its value, its goal, the ratio of the two, and the verdict."""
-    return met, f"{what}: {shown} (goal {goal}; ratio to goal {ratio:.2f}, " \
-                f"{'met' if met else 'MISSED'})"
 
 
 def end_all(*roots: subprocess.Popen | None) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -37,10 +36,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchrun import MARKER, MARKER_VALUE, marked_processes, measure_all, print_summary
+from benchrun import (
+    MARKER,
+    MARKER_VALUE,
+    judged,
+    marked_processes,
+    measure_all,
+    print_summary,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_PROGRAMS = ROOT / "tests" / "programs"
+sys.path.insert(0, str(ROOT / "tests"))
+from under_load import busy_cores  # noqa: E402  (the load `make test-loaded` runs under)
+
 WATCH = [sys.executable, "-m", "hangkit", "watch"]
 TIMEOUT = 2.0
 WINDOW_GOAL = 3.0
@@ -62,11 +71,6 @@ def job_env() -> dict[str, str]:
     return {**env, MARKER: MARKER_VALUE}
 
 
-def judged(what: str, shown: str, goal: str, ratio: float, met: bool) -> tuple[bool, str]:
-    return met, f"{what}: {shown} (goal {goal}; ratio to goal {ratio:.2f}, " \
-                f"{'met' if met else 'MISSED'})"
-
-
 def end_all() -> None:
     """SIGKILL to every process this run started that is still there (its marker)."""
     left = marked_processes()
@@ -76,25 +80,6 @@ def end_all() -> None:
     import psutil
 
     psutil.wait_procs(left, timeout=10)
-
-
-def spin() -> None:
-    while True:
-        pass
-
-
-@contextlib.contextmanager
-def load(n: int = 2):
-    """n busy processes competing for the cores while the block runs."""
-    hogs = [multiprocessing.Process(target=spin, daemon=True) for _ in range(n)]
-    for hog in hogs:
-        hog.start()
-    try:
-        yield
-    finally:
-        for hog in hogs:
-            hog.kill()
-            hog.join(10)
 
 
 def watched(command: list[str], workdir: Path, *options: str) -> tuple[int, str, Path]:
@@ -154,7 +139,7 @@ def figure_latency(workdir: Path) -> list[tuple[bool, str]]:
 
 def figure_busy_startup(workdir: Path, runs: int) -> list[tuple[bool, str]]:
     kills = 0
-    with load():
+    with busy_cores(2):
         for i in range(runs):
             code, err, _ = watched([sys.executable, str(TEST_PROGRAMS / "busy_silent.py"),
                                     f"{3 * TIMEOUT:g}"], workdir, "--timeout", f"{TIMEOUT:g}",
@@ -168,7 +153,7 @@ def figure_busy_startup(workdir: Path, runs: int) -> list[tuple[bool, str]]:
 
 def figure_demo(workdir: Path, runs: int) -> list[tuple[bool, str]]:
     wrong = 0
-    with load():
+    with busy_cores(2):
         for i in range(runs):
             run_dir = Path(tempfile.mkdtemp(dir=workdir, prefix="demo-"))
             done = subprocess.run([sys.executable, "-m", "hangkit", "demo"], capture_output=True,

@@ -24,6 +24,12 @@ def marked_processes() -> list[psutil.Process]:
     return found
 
 
+def judged(what: str, shown: str, goal: str, ratio: float, met: bool) -> tuple[bool, str]:
+    """A figure's line: its value, its goal, the ratio of the two, and the verdict."""
+    return met, f"{what}: {shown} (goal {goal}; ratio to goal {ratio:.2f}, " \
+                f"{'met' if met else 'MISSED'})"
+
+
 def measure_all(figures, workdir, *, end) -> list[tuple[str, bool]]:
     """Runs each (title, measure) figure: measure(workdir) gives (met, line) or a list of them.
     A figure that fails is reported and the next one runs; end() runs whatever happens.
