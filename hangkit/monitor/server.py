@@ -24,7 +24,7 @@ import zmq
 from hangkit.errors import UsageError
 from hangkit.monitor.collector import Collector
 from hangkit.monitor.stall import StallConfig, StallDetector
-from hangkit.records import RankStatus, StallEvent, ThreadStack
+from hangkit.records import Activity, Look, RankStatus, Role, StallEvent, ThreadStack
 from hangkit.transport import MONITOR_ADDRESS, MONITOR_KEY, Signer, Verifier, new_key
 
 log = logging.getLogger(__name__)
@@ -108,13 +108,13 @@ class Monitor:
         with self.lock:
             return list(self.detector.active.values())
 
-    def note_look(self, look) -> None:
+    def note_look(self, look: Look) -> None:
         """What a look (monitor/confirm.py) saw: ranks it found progressing read as busy, not
         stalled, in statuses() and stall detection, the same classes for watch and notebook."""
         now = self.clock()
         with self.lock:
             for p in look.processes:
-                if p.activity == "progressing" and p.role == "rank":
+                if p.activity == Activity.PROGRESSING and p.role == Role.RANK:
                     key = f"rank {p.rank}" if p.rank is not None else f"pid {p.pid}"
                     self.collector.mark_progressing(key, now)
 
