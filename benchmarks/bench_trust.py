@@ -57,11 +57,10 @@ LATENCY_RUNS = 3
 RUN_DEADLINE = 300.0  # one watched run, start-up under load included
 
 HANG = r"""
-import os, sys, threading, time
+import sys, threading, time
+from hangkit.files import write_atomic
 print("started", flush=True)
-with open(sys.argv[1] + ".tmp", "w") as f:
-    f.write(repr(time.time()))
-os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+write_atomic(sys.argv[1], repr(time.time()))  # the time of the last output, read whole
 threading.Event().wait()  # every thread waits: nothing progresses
 """
 

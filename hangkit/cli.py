@@ -40,7 +40,9 @@ def _seconds_argument(text: str) -> float:
 
 
 def _progress_timeout_argument(text: str) -> float | str:
-    return "auto" if text.strip().lower() == "auto" else _seconds_argument(text)
+    from hangkit.monitor.stall import AUTO
+
+    return AUTO if text.strip().lower() == AUTO else _seconds_argument(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _watch(args) -> int:
+    from hangkit.monitor.stall import AUTO
     from hangkit.monitor.watch import WatchOptions, watch
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -140,7 +143,7 @@ def _watch(args) -> int:
             raise UsageError(f"HANG_TIMEOUT is not a number of seconds: {env_value!r}") from None
     check_positive_seconds("--timeout", timeout)
     check_seconds_or_zero("--grace", args.grace)
-    if args.progress_timeout not in (None, "auto"):
+    if args.progress_timeout not in (None, AUTO):
         check_positive_seconds("--progress-timeout", args.progress_timeout)
     check_positive_seconds("--startup-timeout", args.startup_timeout)
     if args.max_silence is not None:

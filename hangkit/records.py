@@ -467,6 +467,24 @@ class ProcessLook(_Record):
         self.role = parse_enum(Role, self.role, Role.OTHER)
         self.activity = parse_enum(Activity, self.activity, Activity.WAITING)
 
+    @property
+    def deciding(self) -> bool:
+        """A rank or a DataLoader worker: whose activity decides whether the job progresses
+        (a launcher or a rank's helper process does not)."""
+        return self.role in (Role.RANK, Role.DATALOADER_WORKER)
+
+    @property
+    def key(self) -> str:
+        """As RankStatus.key spells it: "rank 3", or "pid 1234" without a rank."""
+        return f"rank {self.rank}" if self.rank is not None else f"pid {self.pid}"
+
+    @property
+    def label(self) -> str:
+        """'rank 2', 'rank 2 DataLoader worker (pid 9)'."""
+        if self.role == Role.DATALOADER_WORKER:
+            return f"{self.key} DataLoader worker (pid {self.pid})"
+        return self.key
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ProcessLook:
         d = cls._known(d)

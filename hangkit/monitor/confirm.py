@@ -54,8 +54,6 @@ SAMPLES = 5  # stack samples per process in one look, before its capture
 GAP = 0.25  # seconds between samples: with the capture, a look takes about 2 s
 SAMPLE_TIMEOUT = 2.0  # seconds one round of samples may take (py-spy on a loaded machine)
 AGENT_TIMEOUT = 0.5  # seconds the ranks' agents have to answer one sample
-# Processes whose activity decides whether the job is progressing.
-DECIDING = (Role.RANK, Role.DATALOADER_WORKER)
 
 Signature = tuple[tuple[str, str, int | None], ...]
 
@@ -102,8 +100,7 @@ class Confirmation:
     @property
     def all_gone(self) -> bool:
         """Whether the latest look found every rank and worker gone (exited, or unreadable)."""
-        deciding = [p for p in self.looks[-1].processes if p.role in DECIDING] \
-            if self.looks else []
+        deciding = [p for p in self.looks[-1].processes if p.deciding] if self.looks else []
         return bool(deciding) and all(p.activity == Activity.GONE for p in deciding)
 
     def look(self, monitor, ranks: list[RankStatus], pids: list[int], *, at: float,
@@ -147,7 +144,7 @@ class Confirmation:
                     capture_seconds=round(capture_seconds, 2),
                     cpu_seconds=round(_cpu_seconds() - cpu_before, 3))
         self.progressing = [p for p in processes
-                            if p.activity == Activity.PROGRESSING and p.role in DECIDING]
+                            if p.activity == Activity.PROGRESSING and p.deciding]
         look.verdict = "progressing" if self.progressing else "hung"
         self.looks.append(look)
         return look

@@ -122,12 +122,10 @@ def from_looks(looks: list[Look]) -> list[Diagnosis]:
         return []
     found = []
     for p in looks[-1].processes:
-        if p.activity != Activity.LOOPING or p.role not in (Role.RANK, Role.DATALOADER_WORKER):
+        if p.activity != Activity.LOOPING or not p.deciding:
             continue
         stacks = list(dict.fromkeys(p.stacks))
-        who = f"rank {p.rank}" if p.rank is not None else f"pid {p.pid}"
-        if p.role == Role.DATALOADER_WORKER:
-            who += f" DataLoader worker (pid {p.pid})"
+        who = p.label
         shown = ", ".join(stacks[:4]) + (f" and {len(stacks) - 4} more" if len(stacks) > 4 else "")
         cpu = f" at {p.cpu_percent:.0f}% CPU" if p.cpu_percent is not None else ""
         found.append(Diagnosis(

@@ -109,13 +109,10 @@ def render_looks(looks: list[Look]) -> list[str]:
         lines.append(f"look {i} at {look.at:g} s ({look.seconds:.1f} s, {look.samples} samples "
                      f"a process): {look.verdict}")
         for p in look.processes:
-            if p.role not in (Role.RANK, Role.DATALOADER_WORKER):
+            if not p.deciding:
                 continue
             cpu = f", {p.cpu_percent:.0f}% CPU" if p.cpu_percent is not None else ""
-            who = f"rank {p.rank}" if p.rank is not None else f"pid {p.pid}"
-            if p.role == Role.DATALOADER_WORKER:
-                who += f" worker (pid {p.pid})"
-            lines.append(f"  {who}: {p.activity} in {p.where} ({p.distinct} distinct "
+            lines.append(f"  {p.label}: {p.activity} in {p.where} ({p.distinct} distinct "
                          f"stack(s){cpu})")
     return lines
 

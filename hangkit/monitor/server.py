@@ -115,8 +115,7 @@ class Monitor:
         with self.lock:
             for p in look.processes:
                 if p.activity == Activity.PROGRESSING and p.role == Role.RANK:
-                    key = f"rank {p.rank}" if p.rank is not None else f"pid {p.pid}"
-                    self.collector.mark_progressing(key, now)
+                    self.collector.mark_progressing(p.key, now)
 
     def stats(self) -> dict:
         """What a report says about the monitor: where it listened, what it took and refused."""

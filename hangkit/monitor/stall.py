@@ -23,6 +23,7 @@ HANG_KINDS = ("stall", "stopped")
 # --progress-timeout auto: AUTO_FACTOR times the AUTO_PERCENTILE of the ranks' recent step
 # intervals, never under the floor (NVIDIA's ft_launcher derives its timeouts alike, with a
 # safety factor of 5). Until AUTO_MIN_INTERVALS steps were seen, nothing counts as a stall.
+AUTO = "auto"  # how --progress-timeout asks for it
 AUTO_FACTOR = 5.0
 AUTO_PERCENTILE = 0.95
 AUTO_FLOOR = 30.0

@@ -27,9 +27,9 @@ from hangkit.errors import UsageError, check_positive_seconds, check_seconds_or_
 from hangkit.monitor.jobtree import MARKER_VARIABLE, JobTree, become_subreaper
 from hangkit.monitor.output import OutputTail, write_all
 from hangkit.monitor.server import Monitor
-from hangkit.monitor.stall import AUTO_FLOOR, HANG_KINDS, StallConfig
+from hangkit.monitor.stall import AUTO, AUTO_FLOOR, HANG_KINDS, StallConfig
 from hangkit.monitor.terminate import end_job
-from hangkit.records import Role, StallEvent
+from hangkit.records import StallEvent
 from hangkit.text import who
 
 if TYPE_CHECKING:  # imported when first needed: a job that never hangs does not pay for it
@@ -45,7 +45,6 @@ DRAIN_SECONDS = 2.0
 # before 5.3, how often the first process is polled).
 TICK = 0.25
 MAX_SILENCE_FACTOR = 10
-AUTO = "auto"  # --progress-timeout auto
 
 
 @dataclass
@@ -385,8 +384,7 @@ class _Watcher:
 def _progressing(looks) -> str:
     """'ranks 0-3 are progressing: rank 0 importing (torch/distributed/...); ...'"""
     ranks = sorted({p.rank for p in looks if p.rank is not None})
-    shown = "; ".join(f"{'rank ' + str(p.rank) if p.rank is not None else 'pid ' + str(p.pid)}"
-                      f"{' worker' if p.role == Role.DATALOADER_WORKER else ''} {p.where}"
-                      for p in looks[:3]) + ("; ..." if len(looks) > 3 else "")
+    shown = "; ".join(f"{p.label} {p.where}" for p in looks[:3]) + (
+        "; ..." if len(looks) > 3 else "")
     one = len(ranks) == 1 if ranks else len(looks) == 1
     return f"{who(ranks, [p.pid for p in looks])} {'is' if one else 'are'} progressing: {shown}"
