@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--setup-env", action=argparse.BooleanOptionalAction, default=True,
                    help="set PYTHONUNBUFFERED, OMP_NUM_THREADS, WANDB_SILENT and a short TMPDIR "
                    "for the command (default: on)")
+    w.add_argument("--flight-recorder", action=argparse.BooleanOptionalAction, default=True,
+                   help="turn torch's Flight Recorder on for the ranks (TORCH_FR_BUFFER_SIZE), "
+                   "unless already set, so the report holds every rank's collectives "
+                   "(default: on)")
     w.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
 
     doc = sub.add_parser("doctor", help="run every hang probe, each in a child with a deadline",
@@ -121,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_report_arguments(rep)
 
+    ex = sub.add_parser("explain", help="the verdict on a hang from its report, or from the "
+                        "Flight Recorder dumps torch wrote", description="Read a hang report "
+                        "(its directory or hang-report.json) or a directory of torch's Flight "
+                        "Recorder dumps (TORCH_FR_DUMP_TEMP_FILE + rank), merge the ranks' "
+                        "collectives per process group, and say who waits where and who never "
+                        "came. Exit 0 when read, 2 when PATH is neither.")
+    ex.add_argument("path", type=Path, metavar="PATH")
+
     d = sub.add_parser("demo", help="the main job: a 4-rank training run where rank 2 wanders "
                        "off, caught by hangkit watch")
     d.add_argument("--ranks", type=int, default=4, help="MPI ranks to start (default: 4)")
@@ -152,7 +164,8 @@ def _watch(args) -> int:
                               report_dir=args.report_dir, setup_env=args.setup_env,
                               progress_timeout=args.progress_timeout, bind=args.bind,
                               startup_timeout=args.startup_timeout,
-                              max_silence=args.max_silence))
+                              max_silence=args.max_silence,
+                              flight_recorder=args.flight_recorder))
 
 
 def _doctor(args) -> int:
@@ -197,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
             return _doctor(args)
         if args.command_name == "demo":
             return _demo(args)
+        if args.command_name == "explain":
+            from hangkit.flight_recorder.explain import explain
+
+            print("\n".join(explain(args.path)))
+            return 0
         if args.command_name == "polaris" and args.polaris_command == "job":
             from hangkit.polaris.jobscript import run as run_job
 

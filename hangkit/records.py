@@ -183,6 +183,7 @@ class ProcessSnapshot(_Record):
     stack_error: str | None = None  # why there are no stacks (not Python, ptrace denied, ...)
     note: str | None = None
     fetching: str | None = None  # a DataLoader worker's dataset indices, while it fetches them
+    recording: Recording | None = None  # a rank's Flight Recorder dump, from its agent
 
     def __post_init__(self):  # so that code and tests may pass the plain words
         self.role = parse_enum(Role, self.role, Role.OTHER)
@@ -196,6 +197,7 @@ class ProcessSnapshot(_Record):
         d["cmdline"] = list(d.get("cmdline", []))
         d["syscall"] = Syscall.from_json(d.get("syscall"))
         d["threads"] = [ThreadStack.from_json(t) for t in d.get("threads", [])]
+        d["recording"] = Recording.from_json(d.get("recording"))
         return cls(**d)
 
     @property
@@ -213,6 +215,21 @@ class ProcessSnapshot(_Record):
         else:
             who = rank or ("main process" if self.role == Role.RANK else self.role)
         return f"{who} (pid {self.pid})"
+
+
+@dataclass
+class Recording(_Record):
+    """One rank's dump of torch's Flight Recorder: every collective of every process group it
+    still holds, in torch's own format (flight_recorder/dumps.py reads it), so that torch's
+    analyzer reads it too. `pg_config` there is completed by hangkit: gloo leaves it empty."""
+
+    rank: int
+    dump: dict[str, Any] = field(default_factory=dict)
+    source: str = "agent"  # "agent", or the file it was read from
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> Recording | None:
+        return cls(**cls._known(d)) if d else None
 
 
 @dataclass
@@ -279,7 +296,10 @@ class CollectiveState(_Record):
         return cls(**cls._known(d)) if d else None
 
     def describe(self) -> str:
-        return f"{self.op} #{self.seq}" + ("" if self.comm == "world" else f" on {self.comm}")
+        """'all_reduce #7', 'collective #8 on group 1' (an op the recorder's counters do not
+        name)."""
+        return f"{self.op or 'collective'} #{self.seq}" + (
+            "" if self.comm == "world" else f" on {self.comm}")
 
 
 @dataclass

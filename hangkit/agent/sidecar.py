@@ -18,7 +18,8 @@ import threading
 import time
 import traceback
 
-from hangkit.agent import beacon
+from hangkit import deadline
+from hangkit.agent import beacon, recorder
 from hangkit.agent.threadstacks import FaultDump, current_stacks
 from hangkit.errors import UsageError
 from hangkit.rankenv import rank_from_environ, world_size_from_environ
@@ -31,6 +32,9 @@ INTERVAL = 1.0  # a beat at least this often
 TICK = 0.1  # how often the sidecar looks at the progress state, and its timing resolution
 MIN_GAP = 0.2  # a phase or collective change is published at once, but not more often
 SEND_HWM = 8
+# A Flight Recorder dump takes milliseconds while the main thread waits; one that has not
+# returned by then (its symbolising fights a busy main thread for the GIL) is left behind.
+RECORDING_SECONDS = 3.0
 BYE_LINGER_MS = 200
 
 _agent: Agent | None = None
@@ -67,6 +71,7 @@ class Agent:
         self._sent_at = float("-inf")
         self._sent_phase = object()
         self._sent_collective = None
+        self._live = recorder.LiveCollective()
         self._thread = threading.Thread(target=self._run, name="hangkit-sidecar", daemon=True)
 
     def start(self) -> Agent:
@@ -128,6 +133,11 @@ class Agent:
             library, comm, op, seq, entered = s.collective
             collective = CollectiveState(library, comm, op, seq, inside=entered is not None,
                                          seconds=round(now - entered, 3) if entered else 0.0)
+        else:  # DDP's and FSDP's collectives, issued from C++: as torch's recorder counts them
+            try:
+                collective = self._live.read()
+            except Exception:
+                log.debug("flight recorder status not read", exc_info=True)
         return Beat(
             pid=os.getpid(), host=self.host, rank=self.rank, world_size=self.world_size,
             step=_plain(s.step), phase=None if s.phase is None else str(s.phase),
@@ -146,13 +156,15 @@ class Agent:
                 frames = self._sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            request = self.verifier.open(frames)
-            if request is None or request.get("type") != "stacks?":
-                continue
-            self._send({"type": "stacks", "request": request.get("request"),
-                        "pid": os.getpid(), "rank": self.rank,
-                        "threads": [t.to_json() for t in current_stacks()
-                                    if t.name != "hangkit-sidecar"]})
+            request = self.verifier.open(frames) or {}
+            kind, rid = request.get("type"), request.get("request")
+            if kind == "stacks?":
+                self._send({"type": "stacks", "request": rid, "pid": os.getpid(),
+                            "rank": self.rank, "threads": [t.to_json() for t in current_stacks()
+                                                           if t.name != "hangkit-sidecar"]})
+            elif kind == "recording?":
+                self._send({"type": "recording", "request": rid, "pid": os.getpid(),
+                            "rank": self.rank, "recording": _recording()})
 
     def _send(self, message: dict) -> bool:
         try:
@@ -160,6 +172,15 @@ class Agent:
             return True
         except self._zmq.ZMQError:  # Again (no monitor yet, or it is slow), or closed
             return False
+
+
+def _recording() -> dict | None:
+    try:
+        return deadline.call(recorder.recording, timeout=RECORDING_SECONDS,
+                             name="flight recorder dump")
+    except Exception:  # no dump is an answer too: the report names the rank as without one
+        log.debug("flight recorder not dumped", exc_info=True)
+        return None
 
 
 def _plain(value):

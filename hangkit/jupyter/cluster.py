@@ -113,7 +113,7 @@ def _remote_traceback(e: BaseException) -> str:
 class EngineCluster:
     def __init__(self, n: int = 4, *, start_timeout: float = START_TIMEOUT,
                  bind: str | None = None, mpiexec: str | None = None,
-                 environ: dict[str, str] | None = None):
+                 environ: dict[str, str] | None = None, flight_recorder: bool = True):
         if n < 1:
             raise UsageError(f"n must be at least 1 engine, got {n}")
         if not start_timeout > 0 or math.isinf(start_timeout):
@@ -122,6 +122,7 @@ class EngineCluster:
         self.n, self.start_timeout = n, start_timeout
         self.bind, self.mpiexec = bind, mpiexec
         self.environ = dict(os.environ if environ is None else environ)
+        self.flight_recorder = flight_recorder
         self.monitor = None
         self.client = None
         self.engines: dict[int, dict] = {}  # rank -> engine.info()
@@ -154,6 +155,7 @@ class EngineCluster:
         import ipyparallel as ipp
         from traitlets.config import Config
 
+        from hangkit.flight_recorder.environment import recorder_environment
         from hangkit.launcher import find_mpiexec, mpiexec_command
 
         config = Config()
@@ -161,6 +163,10 @@ class EngineCluster:
         # --hostfile and --ppn for Cray PALS (faked by MPICH's hydra here).
         config.MPILauncher.mpi_cmd = [self.mpiexec or find_mpiexec()]
         config.MPILauncher.mpi_args = mpiexec_command(self.n, self.environ)[3:]
+        if self.flight_recorder:  # the engines' collectives, for stacks() and the dashboard
+            wanted = recorder_environment(self.environ)[0]
+            config.MPIEngineSetLauncher.environment = {
+                k: v for k, v in wanted.items() if self.environ.get(k) != v}
         self._ipp = ipp.Cluster(engines="mpi", n=self.n, config=config,
                                 engine_timeout=max(1, math.ceil(self.start_timeout)),
                                 controller_ip=self.bind or "127.0.0.1",

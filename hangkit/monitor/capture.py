@@ -1,7 +1,8 @@
 """Capturing a job's processes at one moment: stacks, blocked or busy, syscall, role and rank.
 
 capture_job() is the one way in, for `hangkit watch` and the notebook alike: the ranks' agents
-first, then py-spy for what they could not give.
+first, then py-spy for what they could not give. The agents that answered are asked for their
+Flight Recorder dumps meanwhile.
 
 All py-spy dumps run concurrently and overlap the CPU sampling interval, so capturing many ranks
 costs about as long as the slowest dump, not their sum.
@@ -15,15 +16,24 @@ from dataclasses import dataclass
 
 import psutil
 
-from hangkit import pyspy
+from hangkit import deadline, pyspy
 from hangkit.monitor.agentstacks import gather
 from hangkit.monitor.roles import FETCH_FILE, assign_roles
 from hangkit.procfs import blocked_syscall, kernel_state, read_environ, runs_python
 from hangkit.rankenv import rank_from_environ
-from hangkit.records import ProcessSnapshot, ProcessState, RankStatus, Role, ThreadStack
+from hangkit.records import (
+    ProcessSnapshot,
+    ProcessState,
+    RankStatus,
+    Recording,
+    Role,
+    ThreadStack,
+)
 
 # A process using more than this share of one core between two samples is busy, not blocked.
 BUSY_CPU_PERCENT = 25.0
+# How long the ranks' agents have for their Flight Recorder dumps, asked while py-spy runs.
+RECORDING_TIMEOUT = 3.5
 
 
 def capture_job(monitor, ranks: list[RankStatus], pids: list[int]
@@ -33,6 +43,11 @@ def capture_job(monitor, ranks: list[RankStatus], pids: list[int]
     come only from their agents."""
     live = [r.key for r in ranks if not r.status.ended]
     found = gather(monitor, live)
+    # Only agents that answered are asked: one whose main thread holds the GIL never will.
+    answering = [k for k, a in found.items() if a.source == "agent"]
+    asked = deadline.start(
+        lambda: monitor.request_recordings(answering, timeout=RECORDING_TIMEOUT),
+        timeout=RECORDING_TIMEOUT + 1.0, name="flight recorder dumps") if answering else None
     sources = {"agent": "its agent", "faulthandler": "a faulthandler dump"}
     local = {a.pid: (a.threads, sources[a.source]) for a in found.values()
              if a.host == monitor.host}
@@ -47,6 +62,14 @@ def capture_job(monitor, ranks: list[RankStatus], pids: list[int]
                 pid=a.pid, ppid=None, rank=a.rank, role=Role.RANK, cmdline=[],
                 state=ProcessState.REMOTE,
                 threads=a.threads, note=f"on {a.host}: stacks from {sources[a.source]}"))
+    try:
+        recordings = asked.result() if asked is not None else {}
+    except deadline.DeadlineExceeded:  # cannot happen but for a monitor that has stopped
+        recordings = {}
+    for s in snapshots:
+        dump = recordings.get(f"rank {s.rank}") if s.role == Role.RANK else None
+        if dump:
+            s.recording = Recording(rank=s.rank, dump=dump)
     return snapshots
 
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from hangkit.flight_recorder.rules import from_recordings
+from hangkit.monitor.advice import ADVICE
 from hangkit.monitor.collectives import Collective, collective_of
 from hangkit.monitor.merge import rank_processes
 from hangkit.monitor.roles import FETCH_FILE
 from hangkit.monitor.stacks import (
     bare_name,
+    describe_state,
     innermost_python_frame,
     is_user_frame,
     main_location,
@@ -31,54 +34,8 @@ from hangkit.records import (
 )
 from hangkit.text import who
 
-ADVICE = {
-    "TD-01": ("Every rank must call the same collectives in the same order. Move rank-only work "
-              "(evaluation, checkpointing, logging) out of the collective sequence, or make every "
-              "rank take part; guard rank-0-only code so it never contains a collective."),
-    "TD-02": ("Collectives must match in op, order and shape on every rank. Look for "
-              "rank-dependent branches around these calls; TORCH_DISTRIBUTED_DEBUG=DETAIL reports "
-              "mismatches on the next run."),
-    "MP-02": ("Every rank of the communicator must call the same MPI collectives in the same "
-              "order. Look for rank-dependent branches or early returns before this call."),
-    "all-in-collective": ("Every rank seen here waits in the same collective: a rank that is not "
-                          "on this node, or one that died, never joined. Check the other nodes' "
-                          "logs, the launcher's rank count, and the network (NCCL_DEBUG=INFO)."),
-    "TD-05": ("Rendezvous did not complete. Check that MASTER_ADDR is the first host of the job "
-              "(PBS_NODEFILE), that MASTER_PORT is free (a port held by an earlier run gives "
-              "EADDRINUSE), and that WORLD_SIZE equals the number of ranks launched."),
-    "WJ-01": ("A tracker or service is waiting on a network the compute node cannot reach. Set "
-              "WANDB_MODE=offline (sync later with `wandb sync`), or configure the proxy, and run "
-              "tracker init under a deadline so training continues without it."),
-    "network-wait": ("A process waits on a network peer that does not answer. Check that the "
-                     "address is reachable from the compute node and set a timeout on the call."),
-    "slow-filesystem": ("I/O on a shared filesystem is stalled or very slow. Stage data to "
-                        "node-local storage or /dev/shm, avoid many small files, and give "
-                        "DataLoader a timeout so a stalled read fails instead of hanging."),
-    "DL-01": ("A DataLoader worker is stuck in the dataset code. Fix the blocking call it "
-              "shows (I/O on a hung filesystem, an endless loop); pass timeout= to DataLoader so "
-              "the next stall raises instead of hanging silently."),
-    "DL-04": ("A process forked while another thread held a lock, so the lock is never released "
-              "in the child. Use the spawn or forkserver start method "
-              "(DataLoader(multiprocessing_context='spawn')), or start threads only after "
-              "workers exist; set OMP_NUM_THREADS=1."),
-    "IP-04": ("The process is running, not deadlocked. If it should be advancing, it may be slow: "
-              "check oversubscription (ranks x DataLoader workers vs cores), OMP_NUM_THREADS, "
-              "and CPU binding (mpiexec --depth/--cpu-bind); if it loops, the stack shows where."),
-    "dead-rank": ("A rank's process is gone while the others wait for it. Find why it died: its "
-                  "own output and exit status, `dmesg` for the OOM killer, the node's health. "
-                  "Collectives cannot complete without it; restart from the last checkpoint."),
-    "fifo-wait": ("The process waits on a named pipe (FIFO) or a pipe: opening one waits until "
-                  "another process opens its other end, reading waits until it writes. Nothing "
-                  "is wrong with the filesystem: find the process that should be at the other "
-                  "end (a checkpoint writer, a log reader) and why it never came."),
-    "looping": ("The process runs but goes round the same few places without printing or "
-                "reporting progress: a retry loop (a connection, a lock, a file it waits for), "
-                "or a training loop that neither logs nor calls hangkit.progress(). The stacks "
-                "show where it turns; give the loop a deadline, or report progress from it."),
-    "unknown": ("No known hang pattern matched. The groups and the merged tree show where each "
-                "rank stands; compare them with what the ranks should be doing."),
-}
-
+# The stack rules' findings about torch collectives, which the recorder's view replaces.
+_RECORDER_KINDS = frozenset({"TD-01", "TD-02", "TD-09", "TD-10"})
 _RENDEZVOUS_FUNCTIONS = frozenset({
     "init_process_group", "rendezvous", "_create_c10d_store", "_store_based_barrier",
     "_env_rendezvous_handler", "_tcp_rendezvous_handler", "TCPStore", "wait_for_workers",
@@ -93,14 +50,17 @@ _FILE_SYSCALLS = frozenset({"read", "pread64", "readv", "preadv", "open", "opena
 
 def diagnose(processes: list[ProcessSnapshot], events: list[StallEvent] = (),
              looks: list[Look] = ()) -> list[Diagnosis]:
-    """The diagnoses of one capture: what the stall detector's events and the last look before
-    the capture say, then the stack rules."""
-    looping = from_looks(looks)
-    found = looping + from_events(events)
+    """The diagnoses of one capture: what the ranks' Flight Recorders, the stall detector's
+    events and the last look before the capture say, then the stack rules."""
+    recorded = from_recordings(processes)
+    found = recorded + from_looks(looks) + from_events(events)
     if found:
-        # A dead rank or a desync read from sequence numbers explains more than the same
-        # finding read from stacks, or "everyone waits in the same collective".
+        # The recorder's view of a collective, a dead rank or a desync read from sequence
+        # numbers explains more than the same finding read from stacks, or "everyone waits in
+        # the same collective".
         known = {d.kind for d in found} | {"all-in-collective"}
+        if recorded:
+            known |= _RECORDER_KINDS
         found += [d for rule in RULES for d in rule(processes) if d.kind not in known]
     else:
         found = [d for rule in RULES for d in rule(processes)]
@@ -158,15 +118,6 @@ def _live(processes: list[ProcessSnapshot]) -> list[ProcessSnapshot]:
             if p.state in (ProcessState.BLOCKED, ProcessState.BUSY) and p.main_thread]
 
 
-def _state_words(p: ProcessSnapshot) -> str:
-    words = p.state
-    if p.cpu_percent is not None:
-        words += f", {p.cpu_percent:.0f}% CPU"
-    if p.syscall:
-        words += ", " + p.syscall.describe()
-    return words
-
-
 def collective_split(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
     """TD-01 / MP-02 (some ranks in a collective, some elsewhere), TD-02 (different collectives)."""
     ranks = [p for p in _live(rank_processes(processes)) if p.rank is not None]
@@ -195,7 +146,7 @@ def collective_split(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
         op, waiting = max(by_op.items(), key=lambda kv: len(kv[1]))
         spin = " (MPI busy-polls while it waits: high CPU here is waiting, not work)" if (
             family == "mpi" and any(p.state == ProcessState.BUSY for p in waiting)) else ""
-        odd = "; ".join(f"{p.label} is in {main_location(p)} ({_state_words(p)})"
+        odd = "; ".join(f"{p.label} is in {main_location(p)} ({describe_state(p)})"
                         for p in outside)
         found.append(Diagnosis(
             kind="MP-02" if family == "mpi" else "TD-01",
@@ -306,7 +257,7 @@ def dataloader_worker_stuck(processes: list[ProcessSnapshot]) -> list[Diagnosis]
             detail = "; ".join(
                 f"worker pid {w.pid} is in {main_location(w)}"
                 + (f" fetching index {w.fetching}" if w.fetching else "")
-                + f" ({_state_words(w)})" for w in stuck)
+                + f" ({describe_state(w)})" for w in stuck)
         elif mine:
             detail = (f"all {len(mine)} of its workers are idle, waiting for indices: the batch "
                       "it waits for is held by a worker that died or never started")

@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 
 from hangkit.files import private_directory, write_atomic
+from hangkit.flight_recorder.dumps import write_for_analyzer
+from hangkit.flight_recorder.rules import missing_reason
+from hangkit.flight_recorder.view import of_processes, render
 from hangkit.monitor.diagnose import diagnose
 from hangkit.monitor.merge import groups, merged_tree, render_tree
 from hangkit.monitor.stacks import frame_text
@@ -24,6 +27,7 @@ from hangkit.text import iso_time, who
 
 JSON_NAME = "hang-report.json"
 MD_NAME = "hang-report.md"
+ANALYZER = "torch.distributed.flight_recorder.fr_trace"
 
 
 def build_report(*, reason: str, command: list[str], idle_seconds: float,
@@ -70,6 +74,10 @@ def render_summary(report: HangReport) -> list[str]:
     tree = render_tree(report.tree)
     if tree:
         lines += ["", "Merged stacks of the ranks' main threads:"] + ["  " + t for t in tree]
+    collectives = render_collectives(report)
+    if collectives:
+        lines += ["", "Collectives, as torch's Flight Recorder holds them:"] + [
+            "  " + c for c in collectives]
     if report.diagnosis:
         lines += ["", "Diagnosis:"]
         for d in report.diagnosis:
@@ -91,7 +99,7 @@ def render_ranks(report: HangReport) -> list[str]:
         if r.collective is not None:
             c = r.collective
             parts.append(f"in {c.describe()} for {c.seconds:.1f} s" if c.inside
-                         else f"last collective {c.describe()}")
+                         else f"last finished {c.describe()}")
         if r.straggler_score is not None:
             parts.append(f"straggler score {r.straggler_score:.1f}")
         if r.error:
@@ -100,6 +108,12 @@ def render_ranks(report: HangReport) -> list[str]:
         lines += [f"    {w}" for w in render_workers(r.workers)]
     lines += [f"[{e.kind}] {e.summary}" for e in report.events]
     return lines
+
+
+def render_collectives(report: HangReport) -> list[str]:
+    """The ranks' Flight Recorder dumps merged per process group (flight_recorder/view.py)."""
+    views, ranks = of_processes(report.processes)
+    return render(views, lambda r: missing_reason(ranks.get(r)))
 
 
 def render_looks(looks: list[Look]) -> list[str]:
@@ -145,6 +159,11 @@ def render_markdown(report: HangReport) -> str:
     tree = render_tree(report.tree)
     if tree:
         out += ["## Merged stack tree (main threads)", "", "```", *tree, "```", ""]
+    collectives = render_collectives(report)
+    if collectives:
+        out += ["## Collectives (torch's Flight Recorder)", "", "```", *collectives, "```", "",
+                "torch's own analyzer reads the dumps beside this report: "
+                f"`python -m {ANALYZER} --allow-incomplete-ranks DIR`.", ""]
     out += ["## Processes", ""]
     for p in report.processes:
         out += _process_markdown(p)
@@ -181,9 +200,13 @@ def _process_markdown(p: ProcessSnapshot) -> list[str]:
 
 
 def write_report(report: HangReport, directory: Path) -> tuple[Path, Path]:
-    """Writes both files, 0600 inside a 0700 directory: stacks and environments can hold secrets."""
+    """Writes both files, 0600 inside a 0700 directory: stacks and environments can hold
+    secrets. The ranks' Flight Recorder dumps go beside them, one file per rank, in the layout
+    torch's analyzer reads."""
     directory = private_directory(directory)
     json_path, md_path = directory / JSON_NAME, directory / MD_NAME
     write_atomic(json_path, json.dumps(report.to_json(), indent=2) + "\n", mode=0o600)
     write_atomic(md_path, render_markdown(report), mode=0o600)
+    write_for_analyzer([p.recording for p in report.processes if p.recording is not None
+                        and p.role == Role.RANK], directory)
     return json_path, md_path

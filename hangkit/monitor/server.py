@@ -72,7 +72,7 @@ class Monitor:
         self._wake_out.connect(self._wake_addr)
         self._wake_lock = threading.Lock()
         self._pending: list[tuple[int, list[bytes], list[bytes]]] = []
-        self._replies: dict[int, dict[str, list[ThreadStack]]] = {}
+        self._replies: dict[int, dict] = {}  # request id: {rank key: its answer}
         self._replied = threading.Condition(self.lock)
         self._request_ids = itertools.count(1)
         self._stop = threading.Event()
@@ -127,20 +127,30 @@ class Monitor:
     def request_stacks(self, keys: list[str], *, timeout: float = 1.0
                        ) -> dict[str, list[ThreadStack]]:
         """Asks the agents of these ranks for their stacks; returns those that answered in time."""
+        return self._ask("stacks", keys, timeout)
+
+    def request_recordings(self, keys: list[str], *, timeout: float = 2.0
+                           ) -> dict[str, dict | None]:
+        """Asks the agents of these ranks for their Flight Recorder dumps (torch's format, or
+        None where a rank has no recorder); returns those that answered in time."""
+        return self._ask("recording", keys, timeout)
+
+    def _ask(self, kind: str, keys: list[str], timeout: float) -> dict:
         with self.lock:
             targets = [(k, self.collector.tracks[k].identity) for k in keys
                        if k in self.collector.tracks]
         if not targets:
             return {}
         rid = next(self._request_ids)
-        frames = self._signer.frames({"type": "stacks?", "request": rid})
+        frames = self._signer.frames({"type": f"{kind}?", "request": rid})
+        with self._replied:
+            self._replies[rid] = {}
         with self._wake_lock:
             self._pending.append((rid, [identity for _, identity in targets], frames))
             self._wake_out.send(b"")
         wanted = {k for k, _ in targets}
         deadline = time.monotonic() + timeout
         with self._replied:
-            self._replies[rid] = {}
             while not wanted <= self._replies[rid].keys():
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -203,23 +213,27 @@ class Monitor:
                 with self.lock:
                     if kind in ("beat", "bye"):
                         self.collector.ingest(message, self.clock(), identity)
-                    elif kind == "stacks":
-                        self._store_reply(message)
+                    elif kind in ("stacks", "recording"):
+                        self._store_reply(kind, message)
             except Exception:  # one odd message must not stop the monitor for every rank
                 self.verifier.dropped.malformed += 1
                 log.debug("message not understood: %r", message, exc_info=True)
 
-    def _store_reply(self, message: dict) -> None:
+    def _store_reply(self, kind: str, message: dict) -> None:
         replies = self._replies.get(message.get("request"))
         if replies is None:
             return  # late: its caller stopped waiting
         try:
-            threads = [ThreadStack.from_json(t) for t in message.get("threads", [])]
+            if kind == "stacks":
+                value = [ThreadStack.from_json(t) for t in message.get("threads", [])]
+            else:
+                value = message.get("recording")
+                value = value if isinstance(value, dict) else None
         except (KeyError, TypeError):
             return
         key = f"rank {message['rank']}" if message.get("rank") is not None \
             else f"pid {message.get('pid')}"
-        replies[key] = threads
+        replies[key] = value
         self._replied.notify_all()
 
     def _send_requests(self) -> None:

@@ -112,3 +112,13 @@ def main_location(p: ProcessSnapshot) -> str:
         return f"no stack ({p.stack_error or 'not captured'})"
     frame = innermost_user_frame(thread) or innermost_python_frame(thread)
     return where(frame) if frame else "no Python frames"
+
+
+def describe_state(p: ProcessSnapshot) -> str:
+    """'blocked, 0% CPU, openat of /tmp/ckpt (a FIFO)': what a process was found doing."""
+    words = p.state
+    if p.cpu_percent is not None:
+        words += f", {p.cpu_percent:.0f}% CPU"
+    if p.syscall:
+        words += ", " + p.syscall.describe()
+    return words

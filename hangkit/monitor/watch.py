@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from hangkit.envsetup import hang_safe_environment
 from hangkit.errors import UsageError, check_positive_seconds, check_seconds_or_zero
+from hangkit.flight_recorder.environment import recorder_environment
 from hangkit.monitor.jobtree import MARKER_VARIABLE, JobTree, become_subreaper
 from hangkit.monitor.output import OutputTail, write_all
 from hangkit.monitor.server import Monitor
@@ -63,6 +64,7 @@ class WatchOptions:
     # Silence that ends even a job whose ranks keep progressing (default: MAX_SILENCE_FACTOR
     # times the timeout, and never less than the start-up timeout while it applies).
     max_silence: float | None = None
+    flight_recorder: bool = True  # turn torch's Flight Recorder on, unless the user set it
 
     @property
     def ceiling(self) -> float:
@@ -111,6 +113,10 @@ def watch(opts: WatchOptions) -> int:
     tmpdir = None
     if opts.setup_env:
         env, changes, tmpdir = hang_safe_environment(env)
+        for change in changes:
+            say(f"set {change}")
+    if opts.flight_recorder:
+        env, changes = recorder_environment(env)
         for change in changes:
             say(f"set {change}")
     marker = uuid.uuid4().hex

@@ -1,0 +1,203 @@
+"""torch's Flight Recorder dumps: what one holds, read from any file torch or hangkit wrote, and
+written again in the layout torch's analyzer reads.
+
+A dump (torch's format, hangkit.records.Recording.dump) has `entries`, one per collective;
+`pg_status`, each group's counters (last enqueued, started, completed); and `pg_config`, each
+group's ranks. What each backend records differs:
+- gloo: every entry's state is "scheduled"; `retired` turns true when the work completes.
+- NCCL: the state moves scheduled -> started -> completed, "started" only when timing is on
+  (TORCH_NCCL_ENABLE_TIMING=1); the watchdog retires an entry once it completed.
+So a collective is completed when its state says so or it is retired, and "started" is known only
+where the backend records it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hangkit.errors import UsageError
+from hangkit.files import private_directory, write_atomic
+from hangkit.records import Frame, Recording
+
+# The analyzer infers one common prefix from the names ending in a rank number: nothing else in
+# a report directory ends in digits.
+ANALYZER_PREFIX = "flight_recorder_rank_"
+_RANK_AT_END = re.compile(r"(\d+)$")
+MAX_DUMP_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One collective (or point-to-point op) of one group, as one rank recorded it."""
+
+    group: str  # the group's name: "0" is the default group
+    seq: int  # per group: collective_seq_id, or p2p_seq_id for send/recv
+    op: str  # "all_reduce", without the backend's prefix
+    backend: str  # "gloo", "nccl"
+    completed: bool
+    started: bool | None  # None where the backend does not record it
+    p2p: bool
+    input_sizes: tuple
+    input_dtypes: tuple
+    output_sizes: tuple
+    output_dtypes: tuple
+    frames: tuple[Frame, ...]  # where it was issued, outermost first; () when not recorded
+
+    @property
+    def shape(self) -> str:
+        """'Float[58]', 'Float[2, 3] Long[1]': the inputs' dtypes and sizes."""
+        parts = [f"{dtype}{list(size)}" for dtype, size in
+                 zip(self.input_dtypes, self.input_sizes, strict=False)]
+        return " ".join(parts) or "no tensors"
+
+
+@dataclass(frozen=True)
+class Group:
+    """One process group as one rank's recorder counts it."""
+
+    name: str
+    desc: str
+    ranks: tuple[int, ...]  # empty when the dump does not say
+    last_enqueued: int
+    last_started: int
+    last_completed: int
+
+    @property
+    def label(self) -> str:
+        """'the default group', 'group 1 (ranks 0,1)'."""
+        if self.name == "0":
+            return "the default group"
+        members = f"ranks {','.join(map(str, self.ranks))}" if self.ranks else ""
+        desc = self.desc if self.desc not in ("", "undefined", self.name) else ""
+        inside = ", ".join(x for x in (desc, members) if x)
+        return f"group {self.name}" + (f" ({inside})" if inside else "")
+
+
+def entries(recording: Recording) -> list[Entry]:
+    status = recording.dump.get("pg_status", {})
+    out = []
+    for e in recording.dump.get("entries", []):
+        group = str((e.get("process_group") or ["?"])[0])
+        backend, _, op = str(e.get("profiling_name", "")).rpartition(":")
+        p2p = bool(e.get("is_p2p"))
+        seq = int(e.get("p2p_seq_id") if p2p else e.get("collective_seq_id") or 0)
+        state = e.get("state")
+        done = _counter(status.get(group, {}), "last_completed_collective")
+        out.append(Entry(
+            group=group, seq=seq, op=op or "collective", backend=backend, p2p=p2p,
+            completed=state == "completed" or e.get("retired") is True
+            or (not p2p and 0 <= seq <= done),
+            started=True if state in ("started", "completed") else (
+                None if backend == "gloo" else False),
+            input_sizes=_tuples(e.get("input_sizes")),
+            input_dtypes=tuple(e.get("input_dtypes") or ()),
+            output_sizes=_tuples(e.get("output_sizes")),
+            output_dtypes=tuple(e.get("output_dtypes") or ()),
+            frames=tuple(Frame(function=str(f.get("name", "?")), file=str(f.get("filename", "")),
+                               line=f.get("line")) for f in reversed(e.get("frames") or ()))))
+    return out
+
+
+def groups(recording: Recording) -> dict[str, Group]:
+    config = recording.dump.get("pg_config", {})
+    status = recording.dump.get("pg_status", {})
+    descs = {str(e["process_group"][0]): str(e["process_group"][1])
+             for e in recording.dump.get("entries", []) if len(e.get("process_group") or ()) == 2}
+    out = {}
+    for name in {*config, *status, *descs} - {""}:
+        c, s = config.get(name, {}), status.get(name, {})
+        out[name] = Group(
+            name=name, desc=str(c.get("desc") or descs.get(name, "")),
+            ranks=_ranks(c.get("ranks")), last_enqueued=_counter(s, "last_enqueued_collective"),
+            last_started=_counter(s, "last_started_collective"),
+            last_completed=_counter(s, "last_completed_collective"))
+    return out
+
+
+def _counter(status: dict, name: str) -> int:
+    try:
+        return int(status.get(name, -1))
+    except (TypeError, ValueError):
+        return -1
+
+
+def _ranks(text) -> tuple[int, ...]:
+    if isinstance(text, list | tuple):
+        return tuple(int(r) for r in text)
+    try:
+        return tuple(int(r) for r in json.loads(str(text or "[]")))
+    except (ValueError, TypeError):
+        return ()
+
+
+def _tuples(sizes) -> tuple:
+    return tuple(tuple(s) if isinstance(s, list | tuple) else (s,) for s in sizes or ())
+
+
+# Files
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Loads dicts, lists, strings and numbers, nothing else: a pickle can name any callable
+    to run, and a dump found in /tmp is not to be trusted with that."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dump")
+
+
+def read_dump(path: Path) -> dict:
+    """A dump file, JSON or pickle, as torch writes either. UsageError for anything else."""
+    try:
+        if path.stat().st_size > MAX_DUMP_BYTES:
+            raise UsageError(f"{path}: over {MAX_DUMP_BYTES >> 20} MiB, not a dump")
+        data = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        dump = json.loads(data) if data[:1] == b"{" else _PlainUnpickler(io.BytesIO(data)).load()
+    except (ValueError, pickle.UnpicklingError, EOFError, TypeError) as e:
+        raise UsageError(f"{path}: not a Flight Recorder dump ({e})") from None
+    if not isinstance(dump, dict) or "entries" not in dump:
+        raise UsageError(f"{path}: not a Flight Recorder dump (no entries)")
+    return json.loads(json.dumps(dump, default=str))  # tuples as lists, as an agent sends them
+
+
+def read_directory(directory: Path) -> list[Recording]:
+    """Every dump in a directory: files whose names end in their rank (nccl_trace_rank_3,
+    flight_recorder_rank_3), as TORCH_FR_DUMP_TEMP_FILE names them."""
+    found = []
+    for path in sorted(directory.iterdir()):
+        m = _RANK_AT_END.search(path.name)
+        if not m or not path.is_file():
+            continue
+        found.append(Recording(rank=int(m.group(1)), dump=read_dump(path), source=str(path)))
+    return found
+
+
+def write_for_analyzer(recordings: list[Recording], directory: Path) -> list[Path]:
+    """One pickle per rank in the layout `python -m torch.distributed.flight_recorder.fr_trace
+    DIRECTORY` reads; private like the rest of a report."""
+    directory = private_directory(directory)
+    written = []
+    for r in recordings:
+        path = directory / f"{ANALYZER_PREFIX}{r.rank}"
+        write_atomic(path, pickle.dumps(r.dump), mode=0o600)
+        written.append(path)
+    return written
+
+
+def dump_files(prefix: str) -> list[Path]:
+    """The files torch wrote with this TORCH_FR_DUMP_TEMP_FILE prefix (prefix + rank)."""
+    folder, start = os.path.split(prefix)
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return []
+    return sorted(Path(folder or ".", n) for n in names
+                  if n.startswith(start) and _RANK_AT_END.search(n))
