@@ -184,6 +184,7 @@ class ProcessSnapshot(_Record):
     note: str | None = None
     fetching: str | None = None  # a DataLoader worker's dataset indices, while it fetches them
     recording: Recording | None = None  # a rank's Flight Recorder dump, from its agent
+    stacks_from: str | None = None  # "agent", "faulthandler" or "py-spy": who gave the stacks
 
     def __post_init__(self):  # so that code and tests may pass the plain words
         self.role = parse_enum(Role, self.role, Role.OTHER)

@@ -45,7 +45,8 @@ def test_bad_usage_from_the_shell_has_no_traceback():
 
 def test_stdout_and_stderr_pass_through_byte_for_byte(run_watch, tmp_path):
     bare = subprocess.run(program("passthrough_bytes.py"), capture_output=True, timeout=30)
-    watched = run_watch(program("passthrough_bytes.py"), options=["--no-setup-env"])
+    watched = run_watch(program("passthrough_bytes.py"),
+                        options=["--no-setup-env", "--no-flight-recorder"])
     assert watched.returncode == 0
     assert watched.stdout == bare.stdout
     assert watched.stderr == bare.stderr
@@ -112,9 +113,27 @@ def test_no_setup_env_leaves_the_environment_alone(run_watch, tmp_path):
     long_tmp = tmp_path / ("t" * 100)
     long_tmp.mkdir()
     run = run_watch([sys.executable, "-c", "import os; print(os.environ['TMPDIR'])"],
-                    options=["--no-setup-env"], env={"TMPDIR": str(long_tmp)})
+                    options=["--no-setup-env", "--no-flight-recorder"],
+                    env={"TMPDIR": str(long_tmp)})
     assert run.stdout.decode().strip() == str(long_tmp)
     assert run.err == ""
+
+
+@pytest.mark.parametrize("options, users, expected", [
+    ([], None, "2000"),  # on by default, and said
+    ([], "64", "64"),  # the user's own setting stands
+    (["--no-flight-recorder"], None, "0"),  # off, also where torch has it on by default
+])
+def test_flight_recorder_is_on_unless_the_user_set_it_or_turned_it_off(
+        run_watch, options, users, expected):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCH_FR_")}
+    if users is not None:
+        env["TORCH_FR_BUFFER_SIZE"] = users
+    run = run_watch([sys.executable, "-c", "import os; print(os.environ.get("
+                     "'TORCH_FR_BUFFER_SIZE', 'unset'))"], options=options, env=env)
+    assert run.returncode == 0, run.err
+    assert run.stdout.decode().strip() == expected
+    assert ("hangkit: set TORCH_FR_BUFFER_SIZE=2000" in run.err) == (expected == "2000")
 
 
 def test_leftover_processes_are_ended_when_the_command_exits(run_watch):

@@ -22,6 +22,9 @@ from hangkit.records import CollectiveState
 DUMPERS = ("_dump_nccl_trace", "_dump_fr_trace")
 STATUS_DUMPERS = ("_dump_nccl_trace_json", "_dump_fr_trace_json")
 DEFAULT_GROUP = "0"  # torch names the default process group "0"
+# Entries sent per group: the collectives around a hang are the last ones, and a report of
+# thousands of ranks must stay readable (torch keeps 2,000 per process).
+KEEP_ENTRIES = 256
 
 
 def _c10d():
@@ -73,7 +76,20 @@ def _merge(dumps: list[dict]) -> dict:
         merged["comm_lib_version"] = merged["comm_lib_version"] or d.get("comm_lib_version", "")
         merged["pg_config"].update({k: v for k, v in _plain(d.get("pg_config", {})).items() if k})
     merged["pg_config"].update(process_groups(merged["entries"]))
+    merged["entries"] = _newest(merged["entries"], KEEP_ENTRIES)
     return merged
+
+
+def _newest(entries: list[dict], keep: int) -> list[dict]:
+    """The last `keep` entries of each group, in the order they were recorded."""
+    count: dict[str, int] = {}
+    kept = []
+    for e in reversed(entries):
+        group = str((e.get("process_group") or [""])[0])
+        count[group] = count.get(group, 0) + 1
+        if count[group] <= keep:
+            kept.append(e)
+    return kept[::-1]
 
 
 def process_groups(entries: list[dict]) -> dict[str, dict]:

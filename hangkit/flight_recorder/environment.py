@@ -1,28 +1,33 @@
 """Turning torch's Flight Recorder on for a job, and where torch writes its own dumps.
 
-The recorder is on for a process group when TORCH_FR_BUFFER_SIZE (TORCH_NCCL_TRACE_BUFFER_SIZE
-before torch 2.7) is set when the group is created. hangkit sets it for the jobs it runs
-(`hangkit watch`, notebook engines) unless the user set either variable: theirs stands.
+The recorder keeps the last TORCH_FR_BUFFER_SIZE collectives of a process
+(TORCH_NCCL_TRACE_BUFFER_SIZE before torch 2.7). torch 2.13 keeps 2,000 by default; older
+versions keep none unless told. hangkit sets it for the jobs it runs (`hangkit watch`, notebook
+engines), to torch 2.13's default, or to 0 with --no-flight-recorder, unless the user set either
+variable: theirs stands.
 
 What it costs, measured in benchmarks/bench_flight_recorder.py: about 10 us per collective to
-record it (a 4-rank DDP step with a few buckets does not notice) and BUFFER_ENTRIES entries of
-memory. torch keeps only the last BUFFER_ENTRIES collectives of each process: enough for the
-collectives around a hang, which is all a diagnosis reads.
+record it, which a DDP step with a few gradient buckets does not notice, and the memory of
+BUFFER_ENTRIES entries.
 """
 
 from __future__ import annotations
 
 BUFFER_VARIABLES = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
-BUFFER_ENTRIES = 256
+BUFFER_ENTRIES = 2000  # torch 2.13's own default
 # Where torch writes a dump by itself (TORCH_NCCL_DUMP_ON_TIMEOUT): prefix + rank.
 DUMP_PREFIX_VARIABLES = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
 DEFAULT_DUMP_PREFIX = "/tmp/nccl_trace_rank_"
 
 
-def recorder_environment(env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    """(env with the recorder on, one line per change): no change where the user set it."""
+def recorder_environment(env: dict[str, str], *, on: bool = True
+                         ) -> tuple[dict[str, str], list[str]]:
+    """(env with the recorder on, or off, one line per change to say): no change where the
+    user set it. Turning it off is what the user asked for, so it is not said."""
     if any(name in env for name in BUFFER_VARIABLES):
         return dict(env), []
+    if not on:
+        return {**env, "TORCH_FR_BUFFER_SIZE": "0"}, []
     return {**env, "TORCH_FR_BUFFER_SIZE": str(BUFFER_ENTRIES)}, [
         f"TORCH_FR_BUFFER_SIZE={BUFFER_ENTRIES} (torch's Flight Recorder keeps the last "
         f"{BUFFER_ENTRIES} collectives for the report; --no-flight-recorder turns it off)"]

@@ -72,7 +72,16 @@ def _mismatch(view: GroupView, row: Row) -> Diagnosis:
         kind="TD-02",
         summary=(f"Ranks disagree on collective #{row.seq} of {view.group.label}: {parts}"
                  f"{_issued_from(row, {})}.{outcome}"),
-        advice=ADVICE["TD-02"], ranks=sorted(r for rs in row.mismatch.values() for r in rs))
+        advice=ADVICE["TD-02"], ranks=_odd_ones_out(list(row.mismatch.values())))
+
+
+def _odd_ones_out(sets: list[list[int]]) -> list[int]:
+    """The ranks outside the largest set (all of them when no set is the largest)."""
+    sizes = sorted((len(s) for s in sets), reverse=True)
+    if len(sizes) > 1 and sizes[0] == sizes[1]:
+        return sorted(r for s in sets for r in s)
+    largest = max(sets, key=len)
+    return sorted(r for s in sets if s is not largest for r in s)
 
 
 def _never_issued(view: GroupView, row: Row, ranks: dict[int, ProcessSnapshot]) -> Diagnosis:
@@ -186,9 +195,10 @@ def missing_reason(p: ProcessSnapshot | None) -> str:
         return "not seen at capture: dead, or on a node whose agent did not answer"
     if p.state == ProcessState.EXITED:
         return "it exited"
-    if p.note and "faulthandler" in p.note:
+    if p.stacks_from == "faulthandler":
         return "its agent did not answer: its main thread holds the GIL"
-    if p.note and "agent" in p.note:
-        return "its agent has no recorder: TORCH_FR_BUFFER_SIZE unset, or an older torch"
+    if p.stacks_from == "agent":
+        return ("its agent read no recorder: TORCH_FR_BUFFER_SIZE=0, or a torch without one "
+                "for this backend")
     return ("no hangkit agent reported from it: call hangkit.progress() in the training "
             "loop")

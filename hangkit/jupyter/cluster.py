@@ -163,10 +163,10 @@ class EngineCluster:
         # --hostfile and --ppn for Cray PALS (faked by MPICH's hydra here).
         config.MPILauncher.mpi_cmd = [self.mpiexec or find_mpiexec()]
         config.MPILauncher.mpi_args = mpiexec_command(self.n, self.environ)[3:]
-        if self.flight_recorder:  # the engines' collectives, for stacks() and the dashboard
-            wanted = recorder_environment(self.environ)[0]
-            config.MPIEngineSetLauncher.environment = {
-                k: v for k, v in wanted.items() if self.environ.get(k) != v}
+        # The engines' collectives, for stacks() and the dashboard (or none, when turned off).
+        wanted = recorder_environment(self.environ, on=self.flight_recorder)[0]
+        config.MPIEngineSetLauncher.environment = {
+            k: v for k, v in wanted.items() if self.environ.get(k) != v}
         self._ipp = ipp.Cluster(engines="mpi", n=self.n, config=config,
                                 engine_timeout=max(1, math.ceil(self.start_timeout)),
                                 controller_ip=self.bind or "127.0.0.1",

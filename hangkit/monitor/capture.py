@@ -32,6 +32,7 @@ from hangkit.records import (
 
 # A process using more than this share of one core between two samples is busy, not blocked.
 BUSY_CPU_PERCENT = 25.0
+STACK_SOURCES = {"agent": "its agent", "faulthandler": "a faulthandler dump"}
 # How long the ranks' agents have for their Flight Recorder dumps, asked while py-spy runs.
 RECORDING_TIMEOUT = 3.5
 
@@ -48,9 +49,7 @@ def capture_job(monitor, ranks: list[RankStatus], pids: list[int]
     asked = deadline.start(
         lambda: monitor.request_recordings(answering, timeout=RECORDING_TIMEOUT),
         timeout=RECORDING_TIMEOUT + 1.0, name="flight recorder dumps") if answering else None
-    sources = {"agent": "its agent", "faulthandler": "a faulthandler dump"}
-    local = {a.pid: (a.threads, sources[a.source]) for a in found.values()
-             if a.host == monitor.host}
+    local = {a.pid: (a.threads, a.source) for a in found.values() if a.host == monitor.host}
     snapshots = capture(pids, known=local)
     ranks_by_pid = {r.pid: r.rank for r in ranks if r.host == monitor.host}
     for s in snapshots:
@@ -61,7 +60,8 @@ def capture_job(monitor, ranks: list[RankStatus], pids: list[int]
             snapshots.append(ProcessSnapshot(
                 pid=a.pid, ppid=None, rank=a.rank, role=Role.RANK, cmdline=[],
                 state=ProcessState.REMOTE,
-                threads=a.threads, note=f"on {a.host}: stacks from {sources[a.source]}"))
+                threads=a.threads, stacks_from=a.source,
+                note=f"on {a.host}: stacks from {STACK_SOURCES[a.source]}"))
     try:
         recordings = asked.result() if asked is not None else {}
     except deadline.DeadlineExceeded:  # cannot happen but for a monitor that has stopped
@@ -87,8 +87,9 @@ def capture(pids: list[int], *, known: dict[int, tuple[list[ThreadStack], str]] 
             clock=time.monotonic) -> list[ProcessSnapshot]:
     """Snapshots of pids. Never raises for a process that vanishes or cannot be read.
 
-    `known` holds stacks already had from a rank's agent, {pid: (threads, where from)}: those
-    processes are not dumped with py-spy again, but still sampled for CPU and syscall.
+    `known` holds stacks already had from a rank's agent, {pid: (threads, "agent" or
+    "faulthandler")}: those processes are not dumped with py-spy again, but still sampled for
+    CPU and syscall.
     """
     known = known or {}
     deadline = clock() + timeout
@@ -96,8 +97,8 @@ def capture(pids: list[int], *, known: dict[int, tuple[list[ThreadStack], str]] 
     started = clock()
     for p in pending:
         if p.snapshot.pid in known:
-            p.snapshot.threads, source = known[p.snapshot.pid]
-            p.snapshot.note = f"stacks from {source}"
+            p.snapshot.threads, p.snapshot.stacks_from = known[p.snapshot.pid]
+            p.snapshot.note = f"stacks from {STACK_SOURCES[p.snapshot.stacks_from]}"
             continue
         p.wants_stacks = p.proc is not None and _wants_stacks(p.snapshot, p.proc)
         if p.wants_stacks:
@@ -113,6 +114,7 @@ def capture(pids: list[int], *, known: dict[int, tuple[list[ThreadStack], str]] 
             result = pyspy.dump(p.snapshot.pid, started=p.dump,
                                 timeout=max(deadline - clock(), 0.1))
             p.snapshot.threads = result.threads
+            p.snapshot.stacks_from = "py-spy" if result.threads else None
             p.snapshot.stack_error = result.error
             if result.gone:
                 p.snapshot.state = ProcessState.EXITED

@@ -53,7 +53,9 @@ def diagnose(processes: list[ProcessSnapshot], events: list[StallEvent] = (),
     """The diagnoses of one capture: what the ranks' Flight Recorders, the stall detector's
     events and the last look before the capture say, then the stack rules."""
     recorded = from_recordings(processes)
-    found = recorded + from_looks(looks) + from_events(events)
+    # A desync the recorder saw needs no second telling from hangkit.instrument()'s counts.
+    found = recorded + from_looks(looks) + [d for d in from_events(events)
+                                            if d.kind not in {r.kind for r in recorded}]
     if found:
         # The recorder's view of a collective, a dead rank or a desync read from sequence
         # numbers explains more than the same finding read from stacks, or "everyone waits in

@@ -115,10 +115,9 @@ def watch(opts: WatchOptions) -> int:
         env, changes, tmpdir = hang_safe_environment(env)
         for change in changes:
             say(f"set {change}")
-    if opts.flight_recorder:
-        env, changes = recorder_environment(env)
-        for change in changes:
-            say(f"set {change}")
+    env, changes = recorder_environment(env, on=opts.flight_recorder)
+    for change in changes:
+        say(f"set {change}")
     marker = uuid.uuid4().hex
     env[MARKER_VARIABLE] = marker
     auto = opts.progress_timeout == AUTO
