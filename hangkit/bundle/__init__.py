@@ -2,9 +2,10 @@
 
 The bundle holds the job's configuration (job.json), the software versions (versions.json), the
 environment (environment.json), the latest doctor results (doctor.json), the latest hang report
-(hang-report/), the tail of the job's output (output-tail.txt) and a README.txt saying what is
-there and what was missing and why. Members sit under one directory named like the archive, so
-unpacking it spills nothing into the current directory.
+(hang-report/), the Flight Recorder dumps torch wrote itself on a collective's timeout
+(flight-recorder/, as JSON), the tail of the job's output (output-tail.txt) and a README.txt
+saying what is there and what was missing and why. Members sit under one directory named like
+the archive, so unpacking it spills nothing into the current directory.
 
 A bundle is made when something is already stuck, so nothing here may hang: torch and mpi4py are
 imported only in child processes killed at their deadline (importing torch from a stalled shared
@@ -35,6 +36,8 @@ from hangkit.bundle.job import job_config, read_nodefile
 from hangkit.bundle.versions import error_text, version_tasks, versions_json
 from hangkit.deadline import call_all
 from hangkit.files import TAIL_LIMIT, tail_lines
+from hangkit.flight_recorder.dumps import dump_files, read_dump
+from hangkit.flight_recorder.environment import dump_prefix
 from hangkit.monitor.report import JSON_NAME, MD_NAME
 from hangkit.redact import (
     REDACTED,
@@ -50,6 +53,7 @@ from hangkit.text import iso_time
 CHILD_TIMEOUT = 20.0  # seconds for each child (torch, mpi4py) and for each file read
 DEFAULT_LINES = 50
 DOCTOR_GLOB = "hangkit-doctor*.json"
+MAX_FLIGHT_DUMPS = 512  # torch's own dumps taken, one per rank: the first ranks' if more
 HANG_JSON, HANG_MD = JSON_NAME, MD_NAME  # what `hangkit watch` writes
 
 
@@ -85,6 +89,15 @@ def _read_hang_report(given: Path | None, cwd: Path) -> tuple[Path, dict[str, by
     return (given, files) if files else None
 
 
+def _read_flight_dumps(environ: Mapping[str, str]) -> tuple[str, dict[str, str], int]:
+    """torch's own Flight Recorder dumps under TORCH_FR_DUMP_TEMP_FILE's prefix, as JSON (a
+    pickle could not be redacted, and no one should unpickle a stranger's): (prefix, {name:
+    JSON}, how many files there were)."""
+    prefix = dump_prefix(dict(environ))
+    files = dump_files(prefix)
+    return prefix, {f"{p.name}.json": json.dumps(read_dump(p), indent=1) + "\n"
+                    for p in files[:MAX_FLIGHT_DUMPS]}, len(files)
+
 
 # --- the bundle -----------------------------------------------------------------------------
 
@@ -119,6 +132,7 @@ def collect(*, doctor_json: Path | None = None, hang_report: Path | None = None,
         "nodefile": (lambda: read_nodefile(environ), timeout),
         "doctor": (lambda: _read_doctor(doctor_json, cwd), timeout),
         "hang": (lambda: _read_hang_report(hang_report, cwd), timeout),
+        "flight": (lambda: _read_flight_dumps(environ), timeout),
         "log": (lambda: None if log is None else tail_lines(Path(log), lines), timeout),
     })
     b = Bundle()
@@ -165,6 +179,21 @@ def collect(*, doctor_json: Path | None = None, hang_report: Path | None = None,
             why = f"none found under {cwd} (*/{HANG_JSON}, two levels down)"
         b.missing.append(("hang-report/", why + "; give its directory with --hang-report DIR "
                           "(`hangkit watch --report-dir DIR` writes one when it catches a hang)"))
+
+    flight = got["flight"]
+    if isinstance(flight, tuple) and flight[1]:
+        prefix, dumps, count = flight
+        for name, data in dumps.items():
+            b.members[f"flight-recorder/{name}"] = data
+        b.held.append(("flight-recorder/", f"{len(dumps)} of {count} ranks", "the Flight "
+                       f"Recorder dumps torch wrote on a timeout, from {prefix}RANK, as JSON "
+                       "(`hangkit explain flight-recorder/` reads them)"))
+    else:
+        why = (f"reading them failed: {error_text(flight)}" if isinstance(flight, Exception)
+               else f"none under {flight[0]}RANK")
+        b.missing.append(("flight-recorder/", why + "; torch writes them on a collective's "
+                          "timeout (TORCH_NCCL_DUMP_ON_TIMEOUT) to TORCH_FR_DUMP_TEMP_FILE: set "
+                          "it to a path on a shared filesystem so they outlive the nodes"))
 
     tail = got["log"]
     if isinstance(tail, tuple):

@@ -28,7 +28,7 @@ from hangkit.records import Frame, Recording
 # The analyzer infers one common prefix from the names ending in a rank number: nothing else in
 # a report directory ends in digits.
 ANALYZER_PREFIX = "flight_recorder_rank_"
-_RANK_AT_END = re.compile(r"(\d+)$")
+_RANK_AT_END = re.compile(r"(\d+)(?:\.json)?$")  # .json: as a support bundle holds them
 MAX_DUMP_BYTES = 256 << 20
 
 
@@ -170,14 +170,20 @@ def read_dump(path: Path) -> dict:
 
 def read_directory(directory: Path) -> list[Recording]:
     """Every dump in a directory: files whose names end in their rank (nccl_trace_rank_3,
-    flight_recorder_rank_3), as TORCH_FR_DUMP_TEMP_FILE names them."""
-    found = []
+    flight_recorder_rank_3, as TORCH_FR_DUMP_TEMP_FILE names them; nccl_trace_rank_3.json in
+    a support bundle)."""
+    found: dict[int, Recording] = {}
     for path in sorted(directory.iterdir()):
         m = _RANK_AT_END.search(path.name)
         if not m or not path.is_file():
             continue
-        found.append(Recording(rank=int(m.group(1)), dump=read_dump(path), source=str(path)))
-    return found
+        rank = int(m.group(1))
+        if rank in found:
+            first = Path(found[rank].source).name
+            raise UsageError(f"{directory}: two dumps of rank {rank}: {first} and {path.name}; "
+                             "give a directory with one job's dumps")
+        found[rank] = Recording(rank=rank, dump=read_dump(path), source=str(path))
+    return [found[r] for r in sorted(found)]
 
 
 def write_for_analyzer(recordings: list[Recording], directory: Path) -> list[Path]:

@@ -130,18 +130,23 @@ def _subject(waiting: list[int]) -> str:
 
 
 def _issued_from(row: Row, ranks: dict[int, ProcessSnapshot]) -> str:
-    """' (DDP's gradient bucket, from `loss.backward()` at train.py:36)': where the waiting
-    ranks issued it, from the recorder's own stack where it kept one, else from the stack of a
-    waiting rank (gloo blocks there; NCCL's rank has moved on, so only the recorder's counts)."""
+    """' (DDP's gradient bucket; from `loss.backward()` at train.py:36)': where the waiting
+    ranks issued it, from the recorder's own stack where it kept one (torch symbolises those
+    only once torch._inductor is loaded, see agent/recorder.py), else from the stack of a
+    waiting rank: gloo blocks where it was issued, unless the rank waits on an async work
+    (`work.wait()`), which is then said as such; NCCL's rank has moved on."""
     waiting = [r for r in row.issued if r not in row.completed and r in ranks]
     thread = ranks[waiting[0]].main_thread if waiting else None
     here = innermost_user_frame(thread) if thread is not None else None
     frames = list(row.entry.frames) if row.entry else []
+    recorded = bool(frames)
     if not frames and row.entry is not None and row.entry.backend != "nccl" and thread:
         frames = thread.frames
     site = innermost_user_frame(ThreadStack(0, None, frames)) if frames else None
     backward = any(f.function.endswith("backward") and not is_user_frame(f) for f in frames)
     purpose = _BACKWARD_PURPOSE.get(row.op) if backward else None
+    if not recorded and site is not None and ".wait(" in source_line(site):
+        return f" ({_site(site, 'waited for at')})"  # async_op=True: issued elsewhere
     parts = [x for x in (purpose, _site(site, "from")) if x]
     if here is not None and site is not None and (here.file, here.line) != (site.file, site.line):
         parts.append(_site(here, "waiting at"))  # async_op=True, then wait() elsewhere

@@ -1,8 +1,8 @@
 """An all_reduce whose sizes differ across ranks (rank 1 sends 6 floats, the others 4), then
-each rank's Flight Recorder as hangkit's agent reads it (recording-RANK.json) and as torch
-dumps it itself (nccl_trace_rank_RANK, the name TORCH_FR_DUMP_TEMP_FILE gives), both in
-$HANGKIT_READY_DIR. gloo aborts such a collective by itself; each rank prints what it raised.
-Run under mpiexec with TORCH_FR_BUFFER_SIZE set.
+each rank's Flight Recorder as hangkit's agent reads it ($HANGKIT_READY_DIR/agent/RANK.json)
+and as torch dumps it itself ($HANGKIT_READY_DIR/torch/nccl_trace_rank_RANK, the name
+TORCH_FR_DUMP_TEMP_FILE gives). gloo fails such a collective by itself (on some ranks); each
+rank prints what it saw. Run under mpiexec with TORCH_FR_BUFFER_SIZE set.
 """
 
 import json
@@ -25,10 +25,12 @@ def main():
         outcome = "completed"
     except RuntimeError as e:
         outcome = str(e).splitlines()[0]
-    print(f"rank {rank}: {outcome}", flush=True)
+    os.write(1, f"rank {rank}: {outcome}\n".encode())
     out = os.environ["HANGKIT_READY_DIR"]
-    write_atomic(os.path.join(out, f"recording-{rank}.json"), json.dumps(recording()))
-    write_atomic(os.path.join(out, f"nccl_trace_rank_{rank}"),
+    for where in ("agent", "torch"):
+        os.makedirs(os.path.join(out, where), exist_ok=True)
+    write_atomic(os.path.join(out, "agent", f"{rank}.json"), json.dumps(recording()))
+    write_atomic(os.path.join(out, "torch", f"nccl_trace_rank_{rank}"),
                  torch._C._distributed_c10d._dump_fr_trace())
     # No destroy_process_group(): after an aborted collective its barrier could wait for good.
     os._exit(0)
