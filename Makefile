@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_agent.py
 	$(PY) benchmarks/bench_doctor.py
 	$(PY) benchmarks/bench_trust.py
+	$(PY) benchmarks/bench_flight_recorder.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

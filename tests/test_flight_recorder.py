@@ -26,8 +26,9 @@ from hangkit.errors import UsageError
 from hangkit.flight_recorder.dumps import ANALYZER_PREFIX, read_directory, read_dump
 from hangkit.flight_recorder.rules import diagnose_views
 from hangkit.flight_recorder.view import merge, render
+from hangkit.jupyter.dashboard_format import collective_text
 from hangkit.launcher import free_port
-from hangkit.records import Recording
+from hangkit.records import RankStatus, Recording
 
 DDP = "flight_recorder_ddp.py"
 BACKWARD_LINE = next(i for i, line in enumerate(
@@ -73,6 +74,8 @@ def test_ddp_rank_that_skips_a_step_is_named_with_the_collective_and_the_line(ru
     assert ranks[0]["status"] == "waiting" and ranks[0]["collective"]["inside"]
     assert ranks[0]["collective"]["op"] == "all_reduce" and ranks[0]["collective"]["seq"] == seq
     assert not ranks[1]["collective"]["inside"] and ranks[1]["collective"]["seq"] == seq - 1
+    assert collective_text(RankStatus.from_json(ranks[0])).startswith(
+        f"all_reduce #{seq} (inside ")  # as the dashboard shows it
     # The dumps beside the report, private, in the layout torch's analyzer reads; it agrees.
     files = sorted(run.report_dir.glob(f"{ANALYZER_PREFIX}*"))
     assert [f.name[len(ANALYZER_PREFIX):] for f in files] == ["0", "1", "2"]
@@ -260,6 +263,10 @@ def test_a_pickle_that_names_a_callable_is_refused(tmp_path):
 
 def test_explain_on_a_path_that_holds_no_dump_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "notes_1").write_text("not a dump")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "trace_0").write_text('{"entries": [["not", "an", "entry"]]}')
+    assert cli(["explain", str(tmp_path / "other")]) == 2
+    assert "its entries are not torch's" in capsys.readouterr().err
     assert cli(["explain", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a Flight Recorder dump" in err

@@ -37,7 +37,11 @@ from hangkit.bundle.versions import error_text, version_tasks, versions_json
 from hangkit.deadline import call_all
 from hangkit.files import TAIL_LIMIT, tail_lines
 from hangkit.flight_recorder.dumps import dump_files, read_dump
-from hangkit.flight_recorder.environment import dump_prefix
+from hangkit.flight_recorder.environment import (
+    DUMP_PREFIX_VARIABLES,
+    JOB_DUMP_DIRECTORY,
+    dump_prefix,
+)
 from hangkit.monitor.report import JSON_NAME, MD_NAME
 from hangkit.redact import (
     REDACTED,
@@ -89,12 +93,18 @@ def _read_hang_report(given: Path | None, cwd: Path) -> tuple[Path, dict[str, by
     return (given, files) if files else None
 
 
-def _read_flight_dumps(environ: Mapping[str, str]) -> tuple[str, dict[str, str], int]:
-    """torch's own Flight Recorder dumps under TORCH_FR_DUMP_TEMP_FILE's prefix, as JSON (a
-    pickle could not be redacted, and no one should unpickle a stranger's): (prefix, {name:
-    JSON}, how many files there were)."""
+def _read_flight_dumps(environ: Mapping[str, str], cwd: Path
+                       ) -> tuple[str, dict[str, str], int]:
+    """torch's own Flight Recorder dumps under TORCH_FR_DUMP_TEMP_FILE's prefix, else in the
+    newest directory a Polaris job script had them written to under cwd, as JSON (a pickle
+    could not be redacted, and no one should unpickle a stranger's): (where, {name: JSON},
+    how many files there were)."""
     prefix = dump_prefix(dict(environ))
     files = dump_files(prefix)
+    job_dir = _newest(p for p in cwd.glob(JOB_DUMP_DIRECTORY + "*") if p.is_dir())
+    if not files and job_dir is not None:
+        prefix = str(job_dir / "nccl_trace_rank_")
+        files = dump_files(prefix)
     return prefix, {f"{p.name}.json": json.dumps(read_dump(p), indent=1) + "\n"
                     for p in files[:MAX_FLIGHT_DUMPS]}, len(files)
 
@@ -132,7 +142,7 @@ def collect(*, doctor_json: Path | None = None, hang_report: Path | None = None,
         "nodefile": (lambda: read_nodefile(environ), timeout),
         "doctor": (lambda: _read_doctor(doctor_json, cwd), timeout),
         "hang": (lambda: _read_hang_report(hang_report, cwd), timeout),
-        "flight": (lambda: _read_flight_dumps(environ), timeout),
+        "flight": (lambda: _read_flight_dumps(environ, cwd), timeout),
         "log": (lambda: None if log is None else tail_lines(Path(log), lines), timeout),
     })
     b = Bundle()
@@ -188,12 +198,13 @@ def collect(*, doctor_json: Path | None = None, hang_report: Path | None = None,
         b.held.append(("flight-recorder/", f"{len(dumps)} of {count} ranks", "the Flight "
                        f"Recorder dumps torch wrote on a timeout, from {prefix}RANK, as JSON "
                        "(`hangkit explain flight-recorder/` reads them)"))
-    else:
+    elif isinstance(flight, Exception) or any(environ.get(n) for n in DUMP_PREFIX_VARIABLES):
+        # Missing only where some were expected: most jobs never time a collective out.
         why = (f"reading them failed: {error_text(flight)}" if isinstance(flight, Exception)
                else f"none under {flight[0]}RANK")
         b.missing.append(("flight-recorder/", why + "; torch writes them on a collective's "
-                          "timeout (TORCH_NCCL_DUMP_ON_TIMEOUT) to TORCH_FR_DUMP_TEMP_FILE: set "
-                          "it to a path on a shared filesystem so they outlive the nodes"))
+                          "timeout (TORCH_NCCL_DUMP_ON_TIMEOUT) to TORCH_FR_DUMP_TEMP_FILE + "
+                          "rank: a path on a shared filesystem outlives the nodes"))
 
     tail = got["log"]
     if isinstance(tail, tuple):

@@ -2,6 +2,8 @@
 
 After a few steps, rank 2 leaves the training loop to save a checkpoint whose open() never
 returns, while the other ranks wait for it in the gradient all-reduce (catalogue case TD-01).
+Each step reports its progress, as a monitored training loop does: under `hangkit watch` that
+starts the rank's agent, which also sends torch's Flight Recorder at capture.
 """
 
 import os
@@ -9,6 +11,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+import hangkit
 
 STEPS = 1000
 WANDER_AT_STEP = 3
@@ -45,6 +49,7 @@ def main():
     true_w = torch.linspace(-1, 1, 16)
     checkpoint = os.path.join(os.environ.get("HANGKIT_DEMO_DIR", "."), "checkpoint")
     for step in range(STEPS):
+        hangkit.progress(step=step)
         x = torch.randn(64, 16)
         y = (x @ true_w).unsqueeze(1) + 0.01 * torch.randn(64, 1)
         loss = torch.nn.functional.mse_loss(model(x), y)

@@ -86,7 +86,7 @@ def entries(recording: Recording) -> list[Entry]:
         group = str((e.get("process_group") or ["?"])[0])
         backend, _, op = str(e.get("profiling_name", "")).rpartition(":")
         p2p = bool(e.get("is_p2p"))
-        seq = int(e.get("p2p_seq_id") if p2p else e.get("collective_seq_id") or 0)
+        seq = int((e.get("p2p_seq_id") if p2p else e.get("collective_seq_id")) or 0)
         state = e.get("state")
         done = _counter(status.get(group, {}), "last_completed_collective")
         out.append(Entry(
@@ -165,7 +165,20 @@ def read_dump(path: Path) -> dict:
         raise UsageError(f"{path}: not a Flight Recorder dump ({e})") from None
     if not isinstance(dump, dict) or "entries" not in dump:
         raise UsageError(f"{path}: not a Flight Recorder dump (no entries)")
-    return json.loads(json.dumps(dump, default=str))  # tuples as lists, as an agent sends them
+    dump = json.loads(json.dumps(dump, default=str))  # tuples as lists, as an agent sends them
+    if not readable(Recording(rank=0, dump=dump)):
+        raise UsageError(f"{path}: not a Flight Recorder dump (its entries are not torch's)")
+    return dump
+
+
+def readable(recording: Recording) -> bool:
+    """Whether entries() and groups() can read it: a dump of another layout is not used."""
+    try:
+        entries(recording)
+        groups(recording)
+        return True
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError):
+        return False
 
 
 def read_directory(directory: Path) -> list[Recording]:

@@ -18,6 +18,9 @@ BUFFER_ENTRIES = 2000  # torch 2.13's own default
 # Where torch writes a dump by itself (TORCH_NCCL_DUMP_ON_TIMEOUT): prefix + rank.
 DUMP_PREFIX_VARIABLES = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
 DEFAULT_DUMP_PREFIX = "/tmp/nccl_trace_rank_"
+# The directory a Polaris job script (hangkit polaris job) has them written to, in the job's
+# working directory: a node's /tmp is gone with the job.
+JOB_DUMP_DIRECTORY = "hangkit-flight-recorder-"  # + the PBS job id
 
 
 def recorder_environment(env: dict[str, str], *, on: bool = True

@@ -198,6 +198,8 @@ def missing_reason(p: ProcessSnapshot | None) -> str:
     """Why a rank sent no dump, in the words a report gives."""
     if p is None:
         return "not seen at capture: dead, or on a node whose agent did not answer"
+    if p.recording is not None:
+        return "its dump could not be read"
     if p.state == ProcessState.EXITED:
         return "it exited"
     if p.stacks_from == "faulthandler":

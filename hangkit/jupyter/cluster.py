@@ -13,6 +13,10 @@ this kernel and every engine runs an agent pointed at it, so every later cell is
 Locally the engines start through this machine's mpiexec; inside a PBS job, across the job's
 nodes with the PALS flags of hangkit.launcher.mpiexec_command, and the controller and monitor
 listen on `bind` (e.g. "0.0.0.0") so engines on other nodes reach them.
+
+The engines run with torch's Flight Recorder on (TORCH_FR_BUFFER_SIZE, unless `environ` sets
+it; `flight_recorder=False` turns it off), so stacks() and the dashboard see the collectives
+DDP and FSDP issue from C++.
 """
 
 from __future__ import annotations

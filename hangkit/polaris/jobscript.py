@@ -29,6 +29,7 @@ from pathlib import Path
 
 from hangkit import __version__
 from hangkit.errors import HangkitError, UsageError
+from hangkit.flight_recorder.environment import BUFFER_ENTRIES, JOB_DUMP_DIRECTORY
 from hangkit.text import last_line
 
 GPUS_PER_NODE = 4  # Polaris: 4 A100s a node, one rank each at most
@@ -256,6 +257,15 @@ def render(options: JobOptions) -> str:
         "trap 'rm -rf \"${HANGKIT_JOB_TMPDIR}\"' EXIT",
         "trap 'exit 143' TERM",
         'export TMPDIR="${HANGKIT_JOB_TMPDIR}"',
+        "",
+        "# torch's Flight Recorder keeps each rank's last collectives (what hangkit watch sets).",
+        "# On a collective's timeout torch writes it to TORCH_FR_DUMP_TEMP_FILE + rank: here on",
+        "# the shared filesystem, where it outlives the nodes' /tmp. `hangkit explain DIR` reads",
+        "# the dumps; `hangkit report`, run in this directory, bundles them.",
+        f'export TORCH_FR_BUFFER_SIZE="${{TORCH_FR_BUFFER_SIZE:-{BUFFER_ENTRIES}}}"',
+        'export TORCH_FR_DUMP_TEMP_FILE="${TORCH_FR_DUMP_TEMP_FILE:-${PBS_O_WORKDIR}/'
+        f'{JOB_DUMP_DIRECTORY}${{PBS_JOBID:-$$}}/nccl_trace_rank_}}"',
+        'mkdir -p "$(dirname "${TORCH_FR_DUMP_TEMP_FILE}")"',
         "",
         "# torch.distributed's env:// rendezvous: rank 0 runs on the node file's first host,",
         "# and every rank must use the same free port (TD-05).",
