@@ -11,6 +11,7 @@ import time
 import psutil
 import pytest
 
+from hangkit.flight_recorder.environment import recorder_environment
 from hangkit.jupyter.cluster import ClusterStartError, EngineCluster
 from hangkit.jupyter.example import build_runner, hang_raise_then_barrier
 from hangkit.launcher import free_port
@@ -45,6 +46,13 @@ def test_engine_ids_are_mpi_ranks_and_every_engine_reports(cluster):
     statuses = cluster.monitor.statuses()
     assert [s.rank for s in statuses] == [0, 1, 2, 3]
     assert {s.status for s in statuses} == {"idle"}  # between cells: never "stalled"
+
+
+def test_engines_run_with_torchs_flight_recorder_on(cluster):
+    expected = recorder_environment(dict(os.environ))[0]["TORCH_FR_BUFFER_SIZE"]
+    task = cluster.apply(os.getenv, "TORCH_FR_BUFFER_SIZE")
+    assert task.wait(60), task.states()
+    assert task.values() == {r: expected for r in range(4)}
 
 
 def test_training_steps_return_at_once_and_the_dashboard_follows(cluster):
