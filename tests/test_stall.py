@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from hangkit.monitor.advice import ADVICE
 from hangkit.monitor.collector import Collector, _median_without
-from hangkit.monitor.diagnose import ADVICE, diagnose
+from hangkit.monitor.diagnose import diagnose
 from hangkit.monitor.stall import StallConfig, StallDetector
 from hangkit.records import Beat, CollectiveState, StallEvent
 
