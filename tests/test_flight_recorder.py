@@ -225,7 +225,7 @@ def test_a_rank_without_a_dump_is_missing_from_the_view(size_mismatch):
 # dumps rewritten the way NCCL records a collective that rank 1 scheduled but never started.
 
 
-def as_nccl(dump: dict, seq: int, state: str) -> dict:
+def as_nccl(dump: dict, seq: int, state: str, *, timing: bool = True) -> dict:
     dump = json.loads(json.dumps(dump))
     for e in dump["entries"]:
         e["profiling_name"] = e["profiling_name"].replace("gloo:", "nccl:")
@@ -233,7 +233,7 @@ def as_nccl(dump: dict, seq: int, state: str) -> dict:
         e["retired"] = e["collective_seq_id"] < seq
     status = dump["pg_status"]["0"]
     status["last_completed_collective"] = seq - 1
-    status["last_started_collective"] = seq if state == "started" else seq - 1
+    status["last_started_collective"] = (seq if state == "started" else seq - 1) if timing else -1
     return dump
 
 
@@ -249,6 +249,13 @@ def test_nccl_state_decides_who_waits_td09(size_mismatch):
     (td09,) = diagnose_views(merge(recordings))
     assert td09.kind == "TD-09" and td09.ranks == [1]
     assert "it started on ranks 0,2 but not on rank 1" in td09.summary
+    # Without TORCH_NCCL_ENABLE_TIMING every rank's entry reads "scheduled": no start is known,
+    # so nobody is blamed for not starting it.
+    untimed = [Recording(rank=r, dump=as_nccl(dumps[r], 2, "scheduled", timing=False))
+               for r in range(3)]
+    (waiting,) = diagnose_views(merge(untimed))
+    assert waiting.kind == "all-in-collective" and waiting.ranks == [0, 1, 2]
+    assert "started" not in "\n".join(render(merge(untimed)))
 
 
 # Reading files

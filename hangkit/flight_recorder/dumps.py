@@ -88,13 +88,16 @@ def entries(recording: Recording) -> list[Entry]:
         p2p = bool(e.get("is_p2p"))
         seq = int((e.get("p2p_seq_id") if p2p else e.get("collective_seq_id")) or 0)
         state = e.get("state")
-        done = _counter(status.get(group, {}), "last_completed_collective")
+        counters = status.get(group, {})
+        done = _counter(counters, "last_completed_collective")
+        # Starts are recorded only with timing on (NCCL's TORCH_NCCL_ENABLE_TIMING): then the
+        # group's last started collective is counted; without, "scheduled" says nothing more.
+        timing = _counter(counters, "last_started_collective") >= 0
         out.append(Entry(
             group=group, seq=seq, op=op or "collective", backend=backend, p2p=p2p,
             completed=state == "completed" or e.get("retired") is True
             or (not p2p and 0 <= seq <= done),
-            started=True if state in ("started", "completed") else (
-                None if backend == "gloo" else False),
+            started=state in ("started", "completed") if timing else None,
             input_sizes=_tuples(e.get("input_sizes")),
             input_dtypes=tuple(e.get("input_dtypes") or ()),
             output_sizes=_tuples(e.get("output_sizes")),

@@ -51,7 +51,7 @@ def diagnose_views(views: list[GroupView], ranks: dict[int, ProcessSnapshot] | N
             found.append(_mismatch(view, row))
         elif set(row.issued) != set(view.dumped):
             found.append(_never_issued(view, row, ranks))
-        elif row.started is not None and set(row.started) != set(row.issued):
+        elif row.started and set(row.started) != set(row.issued):
             found.append(_not_started(view, row, ranks))
         elif view.missing or not row.completed:
             found.append(_all_waiting(view, row, ranks))
