@@ -148,14 +148,17 @@ def render(views: list[GroupView], why_missing: Callable[[int], str] | None = No
     line per sequence number around the one it stands at."""
     lines = []
     for v in views:
+        if not v.dumped:
+            lines.append(f"{v.group.label}: no dump from any of its ranks")
+            continue
         if v.stuck is None and (not v.missing or not v.rows):
             last = max(v.last_issued.values(), default=-1)
             lines.append(f"{v.group.label}: every rank completed #{last}" if last > 0 else
                          f"{v.group.label}: no collective yet")
             continue
-        members = "" if v.group.ranks else f", ranks {format_ranks(v.members)}"
-        if v.group.name == "0":
-            members = f", ranks {format_ranks(v.members)}"
+        # A subgroup's label names its ranks already.
+        named = v.group.name != "0" and v.group.ranks
+        members = "" if named else f", ranks {format_ranks(v.members)}"
         lines.append(f"{v.group.label}{members}"
                      + (f"; no dump from {format_ranks(v.missing)}" if v.missing else "")
                      + (f"; first disagreement at #{v.first_disagreement}"
