@@ -161,7 +161,7 @@ def test_sizes_that_differ_across_ranks_are_td02(size_mismatch):
     views = merge(agent_recordings(out))
     (td02,) = diagnose_views(views)
     assert td02.kind == "TD-02" and td02.ranks == [1]
-    assert td02.summary.startswith("Ranks disagree on collective #2 of the default group: "
+    assert td02.summary.startswith("Ranks disagree on collective #3 of the default group: "
                                    "rank 1 all_reduce Float[6]; ranks 0,2 all_reduce Float[4]")
     assert "gloo fails such a collective on some ranks" in td02.summary
     text = "\n".join(render(views))
@@ -179,7 +179,7 @@ def test_explain_reads_the_dumps_torch_wrote_itself(size_mismatch, capsys):
     assert cli(["explain", str(torch_dumps)]) == 0
     printed = capsys.readouterr().out
     assert "Flight Recorder dumps of 3 rank(s)" in printed
-    assert "[TD-02] Ranks disagree on collective #2 of the default group" in printed
+    assert "[TD-02] Ranks disagree on collective #3 of the default group" in printed
 
 
 @pytest.mark.timeout(180)
@@ -195,7 +195,7 @@ def test_the_support_bundle_keeps_torchs_dumps_as_json_and_explain_reads_them(
     for name in names:
         (tmp_path / name).write_text(bundle.members[name])
     assert cli(["explain", str(unpacked)]) == 0
-    assert "[TD-02] Ranks disagree on collective #2" in capsys.readouterr().out
+    assert "[TD-02] Ranks disagree on collective #3" in capsys.readouterr().out
     # Where there are none, the README says where they would have been and how to keep them.
     bare = collect(environ={"TORCH_FR_DUMP_TEMP_FILE": str(tmp_path / "none_")}, cwd=tmp_path,
                    timeout=60)
@@ -245,13 +245,13 @@ def test_nccl_state_decides_who_waits_td09(size_mismatch):
         for e in d["entries"]:
             e["input_sizes"] = e["output_sizes"] = [[4]]
     states = {0: "started", 1: "scheduled", 2: "started"}
-    recordings = [Recording(rank=r, dump=as_nccl(dumps[r], 2, states[r])) for r in range(3)]
+    recordings = [Recording(rank=r, dump=as_nccl(dumps[r], 3, states[r])) for r in range(3)]
     (td09,) = diagnose_views(merge(recordings))
     assert td09.kind == "TD-09" and td09.ranks == [1]
     assert "it started on ranks 0,2 but not on rank 1" in td09.summary
     # Without TORCH_NCCL_ENABLE_TIMING every rank's entry reads "scheduled": no start is known,
     # so nobody is blamed for not starting it.
-    untimed = [Recording(rank=r, dump=as_nccl(dumps[r], 2, "scheduled", timing=False))
+    untimed = [Recording(rank=r, dump=as_nccl(dumps[r], 3, "scheduled", timing=False))
                for r in range(3)]
     (waiting,) = diagnose_views(merge(untimed))
     assert waiting.kind == "all-in-collective" and waiting.ranks == [0, 1, 2]

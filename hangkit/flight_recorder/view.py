@@ -17,6 +17,13 @@ from hangkit.records import ProcessSnapshot, Recording, Role
 from hangkit.text import format_ranks
 
 MAX_ROWS = 8  # sequence numbers shown per group, from the last one every rank completed
+# Ops whose inputs are the same shape on every rank. Others may differ by design (scatter's
+# and gather's root, all_to_all's uneven splits): for them only the op is compared.
+SAME_SHAPE_OPS = frozenset({
+    "all_reduce", "allreduce", "broadcast", "reduce", "all_gather", "allgather",
+    "all_gather_into_tensor", "_allgather_base", "reduce_scatter", "reduce_scatter_tensor",
+    "_reduce_scatter_base", "barrier",
+})
 
 
 @dataclass
@@ -134,7 +141,8 @@ def _row(seq: int, dumped: list[int], recorded, last_issued, completed) -> Row:
     started = sorted(r for r, e in have.items() if e.started) if starts_known else None
     shapes: dict[str, list[int]] = {}
     for r, e in sorted(have.items()):
-        shapes.setdefault(f"{e.op} {e.shape}", []).append(r)
+        same = e.op.removesuffix("_coalesced") in SAME_SHAPE_OPS
+        shapes.setdefault(f"{e.op} {e.shape}" if same else e.op, []).append(r)
     ops = Counter(e.op for e in have.values())
     waiting = [e for r, e in sorted(have.items()) if r not in done]
     return Row(seq=seq, op=ops.most_common(1)[0][0] if ops else "?", issued=issued,

@@ -1,4 +1,5 @@
-"""An all_reduce whose sizes differ across ranks (rank 1 sends 6 floats, the others 4), then
+"""A scatter (whose root alone has inputs), then an all_reduce whose sizes differ across ranks
+(rank 1 sends 6 floats, the others 4), then
 each rank's Flight Recorder as hangkit's agent reads it ($HANGKIT_READY_DIR/agent/RANK.json)
 and as torch dumps it itself ($HANGKIT_READY_DIR/torch/nccl_trace_rank_RANK, the name
 TORCH_FR_DUMP_TEMP_FILE gives). gloo fails such a collective by itself (on some ranks); each
@@ -20,6 +21,8 @@ def main():
     rank, world = int(os.environ["PMI_RANK"]), int(os.environ["PMI_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     dist.all_reduce(torch.ones(4))
+    # A scatter's root has inputs the other ranks have not: different sizes by design.
+    dist.scatter(torch.zeros(4), [torch.ones(4)] * world if rank == 0 else None, src=0)
     try:
         dist.all_reduce(torch.ones(6 if rank == 1 else 4))
         outcome = "completed"
