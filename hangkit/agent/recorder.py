@@ -16,6 +16,7 @@ import pickle
 import sys
 import time
 
+from hangkit.flight_recorder.dumps import plain
 from hangkit.records import CollectiveState
 
 # NCCL's recorder exists in CUDA builds only; gloo's (and, from torch 2.9, any backend's) in all.
@@ -71,10 +72,11 @@ def _merge(dumps: list[dict]) -> dict:
                    e.get("p2p_seq_id"), e.get("op_id"), e.get("profiling_name"))
             if key not in seen:
                 seen.add(key)
-                merged["entries"].append(_plain(e))
-        merged["pg_status"].update(_plain(d.get("pg_status", {})))
+                merged["entries"].append(e)
+        merged["pg_status"].update(d.get("pg_status", {}))
         merged["comm_lib_version"] = merged["comm_lib_version"] or d.get("comm_lib_version", "")
-        merged["pg_config"].update({k: v for k, v in _plain(d.get("pg_config", {})).items() if k})
+        merged["pg_config"].update({k: v for k, v in d.get("pg_config", {}).items() if k})
+    merged = plain(merged)
     merged["pg_config"].update(process_groups(merged["entries"]))
     merged["entries"] = _newest(merged["entries"], KEEP_ENTRIES)
     return merged
@@ -110,17 +112,6 @@ def process_groups(entries: list[dict]) -> dict[str, dict]:
         for name, desc in descs.items():
             out.setdefault(name, {"name": name, "desc": desc, "ranks": "[]"})
     return out
-
-
-def _plain(value):
-    """The dump as JSON carries it: tuples as lists, bytes as text."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    return value
 
 
 class LiveCollective:

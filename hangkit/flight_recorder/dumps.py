@@ -168,10 +168,15 @@ def read_dump(path: Path) -> dict:
         raise UsageError(f"{path}: not a Flight Recorder dump ({e})") from None
     if not isinstance(dump, dict) or "entries" not in dump:
         raise UsageError(f"{path}: not a Flight Recorder dump (no entries)")
-    dump = json.loads(json.dumps(dump, default=str))  # tuples as lists, as an agent sends them
+    dump = plain(dump)
     if not readable(Recording(rank=0, dump=dump)):
         raise UsageError(f"{path}: not a Flight Recorder dump (its entries are not torch's)")
     return dump
+
+
+def plain(dump: dict) -> dict:
+    """A dump as JSON carries it (tuples as lists, keys as text), as an agent sends it."""
+    return json.loads(json.dumps(dump, default=str))
 
 
 def readable(recording: Recording) -> bool:
