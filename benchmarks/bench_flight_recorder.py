@@ -94,8 +94,8 @@ def figure_capture(workdir: Path):
             started = time.monotonic()
             dumps = monitor.request_recordings(keys, timeout=10.0)
             dumped = time.monotonic() - started
-            recordings = [Recording(rank=int(k.split()[1]), dump=d) for k, d in dumps.items()
-                          if d]
+            recordings = [Recording(rank=int(k.split()[1]), dump=dump)
+                          for k, (dump, _) in dumps.items() if dump]
             started = time.monotonic()
             found = diagnose_views(merge(recordings, world=list(range(RANKS))))
             merged = time.monotonic() - started

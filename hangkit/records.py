@@ -225,8 +225,9 @@ class Recording(_Record):
     analyzer reads it too. `pg_config` there is completed by hangkit: gloo leaves it empty."""
 
     rank: int
-    dump: dict[str, Any] = field(default_factory=dict)
+    dump: dict[str, Any] = field(default_factory=dict)  # empty when there is none: see error
     source: str = "agent"  # "agent", or the file it was read from
+    error: str | None = None  # why there is no dump
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> Recording | None:

@@ -163,8 +163,9 @@ class Agent:
                             "rank": self.rank, "threads": [t.to_json() for t in current_stacks()
                                                            if t.name != "hangkit-sidecar"]})
             elif kind == "recording?":
+                dump, error = _recording()
                 self._send({"type": "recording", "request": rid, "pid": os.getpid(),
-                            "rank": self.rank, "recording": _recording()})
+                            "rank": self.rank, "recording": dump, "error": error})
 
     def _send(self, message: dict) -> bool:
         try:
@@ -174,13 +175,21 @@ class Agent:
             return False
 
 
-def _recording() -> dict | None:
+def _recording() -> tuple[dict | None, str | None]:
+    """(this rank's Flight Recorder dump, None) or (None, why there is none): no dump is an
+    answer too, and the report names the rank with the reason."""
     try:
-        return deadline.call(recorder.recording, timeout=RECORDING_SECONDS,
+        dump = deadline.call(recorder.recording, timeout=RECORDING_SECONDS,
                              name="flight recorder dump")
-    except Exception:  # no dump is an answer too: the report names the rank as without one
+    except deadline.DeadlineExceeded:
+        return None, f"its dump did not return within {RECORDING_SECONDS:g} s"
+    except Exception as e:
         log.debug("flight recorder not dumped", exc_info=True)
-        return None
+        return None, f"its dump failed: {type(e).__name__}: {e}"
+    if dump is None:
+        return None, ("its agent read no recorder: no process group, TORCH_FR_BUFFER_SIZE=0, "
+                      "or a torch without one for this backend")
+    return dump, None
 
 
 def _plain(value):

@@ -199,13 +199,10 @@ def missing_reason(p: ProcessSnapshot | None) -> str:
     if p is None:
         return "not seen at capture: dead, or on a node whose agent did not answer"
     if p.recording is not None:
-        return "its dump could not be read"
+        return p.recording.error or "its dump could not be read"
     if p.state == ProcessState.EXITED:
         return "it exited"
     if p.stacks_from == "faulthandler":
         return "its agent did not answer: its main thread holds the GIL"
-    if p.stacks_from == "agent":
-        return ("its agent read no recorder: TORCH_FR_BUFFER_SIZE=0, or a torch without one "
-                "for this backend")
     return ("no hangkit agent reported from it: call hangkit.progress() in the training "
             "loop")

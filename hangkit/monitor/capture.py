@@ -67,9 +67,12 @@ def capture_job(monitor, ranks: list[RankStatus], pids: list[int]
     except deadline.DeadlineExceeded:  # cannot happen but for a monitor that has stopped
         recordings = {}
     for s in snapshots:
-        dump = recordings.get(f"rank {s.rank}") if s.role == Role.RANK else None
-        if dump:
-            s.recording = Recording(rank=s.rank, dump=dump)
+        key = f"rank {s.rank}"
+        if s.role != Role.RANK or s.rank is None or key not in answering:
+            continue
+        dump, error = recordings.get(key, (None, "its agent did not send its dump within "
+                                                 f"{RECORDING_TIMEOUT:g} s"))
+        s.recording = Recording(rank=s.rank, dump=dump or {}, error=None if dump else error)
     return snapshots
 
 

@@ -207,6 +207,6 @@ def write_report(report: HangReport, directory: Path) -> tuple[Path, Path]:
     json_path, md_path = directory / JSON_NAME, directory / MD_NAME
     write_atomic(json_path, json.dumps(report.to_json(), indent=2) + "\n", mode=0o600)
     write_atomic(md_path, render_markdown(report), mode=0o600)
-    write_for_analyzer([p.recording for p in report.processes if p.recording is not None
-                        and p.role == Role.RANK], directory)
+    write_for_analyzer([p.recording for p in report.processes if p.role == Role.RANK
+                        and p.recording is not None and p.recording.dump], directory)
     return json_path, md_path

@@ -130,9 +130,9 @@ class Monitor:
         return self._ask("stacks", keys, timeout)
 
     def request_recordings(self, keys: list[str], *, timeout: float = 2.0
-                           ) -> dict[str, dict | None]:
-        """Asks the agents of these ranks for their Flight Recorder dumps (torch's format, or
-        None where a rank has no recorder); returns those that answered in time."""
+                           ) -> dict[str, tuple[dict | None, str | None]]:
+        """Asks the agents of these ranks for their Flight Recorder dumps; returns, for those
+        that answered in time, (the dump in torch's format, None) or (None, why none)."""
         return self._ask("recording", keys, timeout)
 
     def _ask(self, kind: str, keys: list[str], timeout: float) -> dict:
@@ -226,9 +226,9 @@ class Monitor:
         try:
             if kind == "stacks":
                 value = [ThreadStack.from_json(t) for t in message.get("threads", [])]
-            else:
-                value = message.get("recording")
-                value = value if isinstance(value, dict) else None
+            else:  # (the dump or None, why there is none)
+                dump = message.get("recording")
+                value = (dump if isinstance(dump, dict) else None, message.get("error"))
         except (KeyError, TypeError):
             return
         key = f"rank {message['rank']}" if message.get("rank") is not None \
