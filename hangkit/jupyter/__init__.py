@@ -5,11 +5,13 @@
     cluster.dashboard(total_steps=100)
 
 Needs the `jupyter` extra (ipyparallel, ipywidgets, matplotlib); names load on first use.
+`%load_ext hangkit.jupyter` registers the `%%hk` cell magic (hangkit/jupyter/magic.py).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 _EXPORTS = {
     "EngineCluster": "cluster", "RankTasks": "cluster", "ClusterStartError": "cluster",
@@ -18,6 +20,22 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+
+def load_ipython_extension(ipython) -> None:
+    """`%load_ext hangkit.jupyter`: registers `%%hk`. Bad options are one line, not a
+    traceback."""
+    from hangkit.errors import HangkitError
+    from hangkit.jupyter.magic import run_cell
+
+    def hk(line: str, cell: str):
+        try:
+            return run_cell(line, cell)
+        except HangkitError as e:
+            print(f"hangkit: error: {e.one_line()}", file=sys.stderr)
+            return None
+
+    ipython.register_magic_function(hk, magic_kind="cell", magic_name="hk")
 
 
 def __getattr__(name: str):

@@ -115,6 +115,14 @@ def _remote_traceback(e: BaseException) -> str:
 
 
 class EngineCluster:
+    _current: EngineCluster | None = None
+
+    @classmethod
+    def current(cls) -> EngineCluster | None:
+        """The most recently started cluster that is still running (what `%%hk` runs on)."""
+        found = cls._current
+        return found if found is not None and found.client is not None else None
+
     def __init__(self, n: int = 4, *, start_timeout: float = START_TIMEOUT,
                  bind: str | None = None, mpiexec: str | None = None,
                  environ: dict[str, str] | None = None, flight_recorder: bool = True):
@@ -142,6 +150,7 @@ class EngineCluster:
         engine. Raises ClusterStartError, with the engines' output, after start_timeout."""
         from hangkit.monitor.server import Monitor
 
+        EngineCluster._current = self  # %%hk runs on the latest started
         self.monitor = Monitor(bind=self.bind or "127.0.0.1")
         before = {p.pid for p in _new_children(set())}
         try:
@@ -285,12 +294,21 @@ class EngineCluster:
 
     def apply(self, fn: Callable, *args, what: str | None = None, **kwargs) -> RankTasks:
         """Runs ``fn(*args, **kwargs)`` on every engine; returns at once."""
-        results = {rank: self.client[rank].apply_async(fn, *args, **kwargs)
-                   for rank in self.ranks}
-        self.latest = RankTasks(what or getattr(fn, "__name__", "task"), results)
+        return self._follow(RankTasks(what or getattr(fn, "__name__", "task"), {
+            rank: self.client[rank].apply_async(fn, *args, **kwargs) for rank in self.ranks}))
+
+    def execute(self, code: str, ranks: list[int] | None = None) -> RankTasks:
+        """Runs `code` in the engines' own namespaces (kept from call to call, as `%%px`
+        keeps them), on every engine or on `ranks`; returns at once. `%%hk` runs on this."""
+        return self._follow(RankTasks("%%hk", {
+            rank: self.client[rank].execute(code, silent=False, block=False)
+            for rank in (self.ranks if ranks is None else ranks)}))
+
+    def _follow(self, tasks: RankTasks) -> RankTasks:
+        self.latest = tasks
         if self._live is not None:  # the dashboard shows what a rank raised
-            self._live.follow(self.latest)
-        return self.latest
+            self._live.follow(tasks)
+        return tasks
 
     def setup(self, build: Callable, *args, setup_timeout: float = 120.0,
               **kwargs) -> RankTasks:

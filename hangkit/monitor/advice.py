@@ -8,6 +8,11 @@ ADVICE = {
     "TD-02": ("Collectives must match in op, order and shape on every rank. Look for "
               "rank-dependent branches around these calls; TORCH_DISTRIBUTED_DEBUG=DETAIL reports "
               "mismatches on the next run."),
+    "TD-04": ("One rank raised while the others wait for it in a collective, which can never "
+              "complete now. Fix what it raised (its traceback is above); with "
+              "hangkit.training's ErrorFlag the others raise PeerFailed at the next step "
+              "instead of waiting. In a notebook, cluster.interrupt() ends the waiting ranks' "
+              "work."),
     "TD-09": ("NCCL collectives run asynchronously: a rank's Python line is where it next "
               "synchronises, not where it issued the collective. The recorder's state says "
               "which ranks scheduled, started and completed it; look at the ranks that never "

@@ -63,7 +63,14 @@ def diagnose(processes: list[ProcessSnapshot], events: list[StallEvent] = (),
         known = {d.kind for d in found} | {"all-in-collective"}
         if recorded:
             known |= _RECORDER_KINDS
-        found += [d for rule in RULES for d in rule(processes) if d.kind not in known]
+        # A rank that raised stands in its engine's idle loop: what stacks say of it is not
+        # where it stopped. And the others wait for it, whatever their CPU says (MPI
+        # busy-polls): none is "running, not deadlocked".
+        raised = {r for e in events if e.kind == "raised" for r in e.ranks}
+        if raised:
+            known.add("IP-04")
+        found += [d for rule in RULES for d in rule(processes)
+                  if d.kind not in known and not (raised and set(d.ranks) <= raised)]
     else:
         found = [d for rule in RULES for d in rule(processes)]
     if not found:
@@ -112,6 +119,9 @@ def from_events(events: list[StallEvent]) -> list[Diagnosis]:
         elif e.kind == "dead":
             found.append(Diagnosis(kind="dead-rank", summary=e.summary,
                                    advice=ADVICE["dead-rank"], ranks=e.ranks, pids=[]))
+        elif e.kind == "raised":  # a notebook engine's cell raised (jupyter/magic.py)
+            found.append(Diagnosis(kind="TD-04", summary=e.summary, advice=ADVICE["TD-04"],
+                                   ranks=e.ranks, pids=[]))
     return found
 
 

@@ -1,0 +1,241 @@
+"""`%%hk`: a cell run on the engines of the latest EngineCluster, as `%%px` runs it, but never
+past its deadline.
+
+    %load_ext hangkit.jupyter
+    %%hk --timeout 120
+    loss = train_step(model, batch)
+    print(f"loss {loss:.3f}")
+
+Each engine keeps its namespace from cell to cell (ipyparallel's execute), `--targets 0,2`
+runs on some ranks, `--noblock` returns the running CellRun at once. Each rank's output is
+printed with the rank in front of it as it arrives, and what a rank raised under its rank.
+
+The cell returns when every rank has finished; or when a rank raised and a look at the others
+(monitor/confirm.py, as `hangkit watch` looks) finds none of them progressing: they wait for
+it (IP-01), and sitting out the deadline would tell nothing more; or at the deadline. In the
+last two cases it shows the hang report, built by the same path as watch's (capture, records,
+diagnosis), with the raised rank's exception as the verdict, writes hang-report.json and .md
+under a new directory it names, and leaves the engines as they are: `cluster.interrupt()`
+ends the cell's work, `cluster.restart()` starts afresh. The kernel never waits longer than the
+deadline and one look.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+from hangkit.errors import UsageError, check_positive_seconds
+from hangkit.records import Activity, HangReport, StallEvent
+from hangkit.text import ranks_phrase
+
+DEFAULT_TIMEOUT = 600.0  # seconds a %%hk cell may run: --timeout
+POLL = 0.1  # seconds between looks at the engines' output and states
+LOOK_EVERY = 5.0  # seconds between looks at the others once a rank has raised
+_LOCATION = re.compile(r'(?:File "?([^",]+)"?, line (\d+)|File ([^\s:]+):(\d+)|'
+                       r'Cell In\[\d+\], line (\d+))')
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Where ipykernel says a cell's code is: a file per engine (its pid in the path) that is only
+# written with the debugger on. Read as the cell's line, with its text from the cell itself.
+_CELL_FILE = re.compile(r"\S*ipykernel_\d+/\d+\.py:(\d+)")
+
+
+class CellRun:
+    """One %%hk cell on its engines: its tasks (RankTasks), what it printed, how it ended."""
+
+    def __init__(self, cluster, code: str, ranks: list[int], timeout: float, *, out=None):
+        self.cluster, self.code, self.ranks, self.timeout = cluster, code, ranks, timeout
+        self.out = out or sys.stdout
+        self.tasks = cluster.execute(code, ranks)
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout
+        self.outcome: str | None = None  # "finished", "raised", "deadline"
+        self.report: HangReport | None = None
+        self.report_dir: Path | None = None
+        self._shown: dict[tuple[int, str], int] = {}
+        self._errors_shown: set[int] = set()
+        self._next_look = 0.0
+
+    def wait(self) -> CellRun:
+        """Streams the ranks' output until the cell ends, a raised rank's peers are found
+        waiting for it, or the deadline; then shows how it ended."""
+        while True:
+            self.stream()
+            states = self.tasks.states()
+            if all(s != "running" for s in states.values()):
+                self.outcome = "finished"
+                break
+            now = time.monotonic()
+            if now >= self.deadline:
+                self.outcome = "deadline"
+                break
+            if "raised" in states.values() and now >= self._next_look:
+                if self._others_wait():
+                    self.outcome = "raised"
+                    break
+                self._next_look = time.monotonic() + LOOK_EVERY
+            # Returns as soon as every rank is done; output arrives on ipyparallel's thread.
+            self.tasks.wait(min(POLL, max(self.deadline - time.monotonic(), 0.0)))
+        self.stream()
+        if self.outcome != "finished":
+            self._hang()
+        return self
+
+    def stream(self) -> None:
+        """What each rank printed since last time, each line with its rank in front; what a
+        rank raised, once, under its rank."""
+        for rank, ar in sorted(self.tasks.results.items()):
+            for name in ("stdout", "stderr"):
+                text = _metadata(ar, name)
+                seen = self._shown.get((rank, name), 0)
+                if len(text) > seen:
+                    self._shown[(rank, name)] = len(text)
+                    for line in text[seen:].splitlines():
+                        print(f"[{name}:{rank}] {line}", file=self.out)
+        for rank, tb in sorted(self.tasks.errors().items()):
+            if rank not in self._errors_shown:
+                self._errors_shown.add(rank)
+                print(f"[rank {rank}] raised:\n{tb.rstrip()}", file=self.out)
+
+    def _others_wait(self) -> bool:
+        """A look at the engines still running: True when none of them is progressing."""
+        from hangkit.jupyter.livestacks import look_at_engines
+
+        report = look_at_engines(self.cluster, why="a %%hk cell: a rank raised")
+        running = {r for r, s in self.tasks.states().items() if s == "running"}
+        look = report.looks[-1]
+        moving = [p for p in look.processes if p.deciding and p.rank in running
+                  and p.activity == Activity.PROGRESSING]
+        if not moving:
+            self.report = report
+        return not moving
+
+    def _hang(self) -> None:
+        from hangkit.jupyter.livestacks import look_at_engines
+        from hangkit.monitor.diagnose import diagnose
+        from hangkit.monitor.report import render_summary, write_report
+
+        elapsed = time.monotonic() - self.started
+        why = (f"a %%hk cell: {raised_phrase(self.tasks.errors())} and the others wait"
+               if self.outcome == "raised" else
+               f"a %%hk cell ran past its deadline (--timeout {self.timeout:g})")
+        report = self.report or look_at_engines(self.cluster, why=why)
+        report.reason, report.idle_seconds = why, round(elapsed, 1)
+        for rank, tb in sorted(self.tasks.errors().items()):
+            report.events.append(StallEvent(
+                "raised", f"rank {rank} raised {summarise(tb, self.code)}; "
+                + where_others_are(report, rank, self.code), ranks=[rank]))
+        report.diagnosis = diagnose(report.processes, report.events, report.looks)
+        self.report = report
+        self.report_dir = Path(f"hangkit-notebook-report-{time.strftime('%Y%m%d-%H%M%S')}")
+        json_path, md_path = write_report(report, self.report_dir)
+        for line in render_summary(report):
+            print(line, file=self.out)
+        print(f"hangkit: report: {md_path} (and {json_path.name} beside it)", file=self.out)
+        print("hangkit: the engines are left as they are: cluster.interrupt() ends the cell's "
+              "work on them, cluster.restart() starts new ones", file=self.out)
+
+    def __repr__(self) -> str:
+        return f"<%%hk {self.tasks!r}{', ' + self.outcome if self.outcome else ''}>"
+
+
+def _metadata(ar, name: str) -> str:
+    try:
+        return ar.metadata.get(name) or ""
+    except Exception:  # not yet sent by the engine
+        return ""
+
+
+def summarise(traceback_text: str, code: str = "") -> str:
+    """'ValueError: boom at example.py:92', 'ValueError: boom at the cell's line 4 (`raise
+    ValueError("boom")`)': the exception's last line and its innermost location, from an
+    engine's traceback (ANSI colours removed)."""
+    text = _ANSI.sub("", traceback_text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    error = lines[-1] if lines else "an exception"
+    places = _LOCATION.findall(text)
+    if not places:
+        return error
+    file1, line1, file2, line2, cell_line = places[-1]
+    where = cell_text(int(cell_line), code) if cell_line else \
+        in_cell(f"{file1}:{line1}" if file1 else f"{file2}:{line2}", code)
+    return f"{error} at {where}"
+
+
+def cell_text(line: int, code: str) -> str:
+    """"the cell's line 4 (`comm.Barrier()`)". IPython numbers a cell's lines from its first
+    line that is not blank."""
+    lines = code.splitlines()
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    text = lines[line - 1].strip() if 0 < line <= len(lines) else ""
+    return f"the cell's line {line}" + (f" (`{text}`)" if text else "")
+
+
+def in_cell(location: str, code: str) -> str:
+    """A location with an engine's cell file in it said as the cell's line."""
+    return _CELL_FILE.sub(lambda m: cell_text(int(m.group(1)), code), location)
+
+
+def raised_phrase(errors: dict[int, str]) -> str:
+    return f"{ranks_phrase(errors)} raised" if errors else "no rank raised"
+
+
+def where_others_are(report: HangReport, rank: int, code: str = "") -> str:
+    """'ranks 0,1,3 are in <module> at the cell's line 5 (`comm.Barrier()`)'."""
+    by_place: dict[str, list[int]] = {}
+    for g in report.groups:
+        for r in g.ranks:
+            if r != rank:
+                by_place.setdefault(in_cell(g.location, code), []).append(r)
+    parts = [f"{ranks_phrase(rs)} {'is' if len(rs) == 1 else 'are'} in {place}"
+             for place, rs in by_place.items()]
+    return "; ".join(parts) or "no other rank was seen"
+
+
+def parse_targets(text: str | None, ranks: list[int]) -> list[int]:
+    """'0,2' or '1-3' or 'all' (None) as ranks of the cluster; UsageError naming a bad one."""
+    if text in (None, "", "all"):
+        return list(ranks)
+    chosen = []
+    for part in text.split(","):
+        try:
+            low, _, high = part.partition("-")
+            chosen += range(int(low), int(high or low) + 1)
+        except ValueError:
+            raise UsageError(f"--targets {text!r}: not ranks like 0,2 or 1-3") from None
+    unknown = sorted(set(chosen) - set(ranks))
+    if unknown:
+        raise UsageError(f"--targets {text!r}: no engine for {ranks_phrase(unknown)} "
+                         f"(the cluster has {ranks_phrase(ranks)})")
+    return sorted(set(chosen))
+
+
+def run_cell(line: str, cell: str, *, out=None) -> CellRun:
+    """What `%%hk LINE` does with its cell: parses the options, runs, waits (unless
+    --noblock)."""
+    import argparse
+    import shlex
+
+    from hangkit.jupyter.cluster import EngineCluster
+
+    parser = argparse.ArgumentParser(prog="%%hk", add_help=False, exit_on_error=False)
+    parser.add_argument("--targets", default=None)
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
+    parser.add_argument("--noblock", action="store_true")
+    try:
+        args, extra = parser.parse_known_args(shlex.split(line))
+    except (argparse.ArgumentError, ValueError) as e:
+        raise UsageError(f"%%hk {line}: {e}") from None
+    if extra:
+        raise UsageError(f"%%hk: unknown option {extra[0]!r} (--targets, --timeout, --noblock)")
+    check_positive_seconds("--timeout", args.timeout)
+    cluster = EngineCluster.current()
+    if cluster is None:
+        raise UsageError("%%hk: no EngineCluster is running: start one with "
+                         "EngineCluster(4).start()")
+    run = CellRun(cluster, cell, parse_targets(args.targets, cluster.ranks), args.timeout,
+                  out=out)
+    return run if args.noblock else run.wait()

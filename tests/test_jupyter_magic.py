@@ -1,0 +1,108 @@
+"""`%%hk` in a real kernel (nbclient), on real MPI engines: the namespace kept from cell to cell,
+--targets, IP-01 returning long before its deadline with the traceback, where the others
+wait and a report, cells after cluster.restart(), and DL-01 in the user's own Dataset."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+pytestmark = pytest.mark.timeout(600)
+
+SETUP = """\
+import os
+os.environ["HANGKIT_NONINTERACTIVE"] = "1"
+os.environ["IPYTHONDIR"] = os.path.abspath("ipython")  # its own ipyparallel profile
+from hangkit.jupyter import EngineCluster
+cluster = EngineCluster(4, start_timeout=120).start()
+%load_ext hangkit.jupyter"""
+
+CELLS = {
+    "keep": "%%hk\nfrom mpi4py import MPI\nrank = MPI.COMM_WORLD.Get_rank()\n"
+            "seen = 10 * rank\nprint('set', seen)",
+    "targets": "%%hk --targets 1,3\nseen += 1\nprint('now', seen)",
+    "ip01": "%%hk --timeout 240\nif rank == 2:\n    raise ValueError('a bad sample on rank 2')\n"
+            "MPI.COMM_WORLD.Barrier()",
+    "restart": "cluster.restart()\nNone",
+    "again": "%%hk --timeout 120\nimport os\nprint('fresh', 'seen' in dir())",
+    "dl01": """%%hk --timeout 20
+import threading
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+class Shards(Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        if index == 9:
+            threading.Event().wait()  # a shard whose read never returns
+        return torch.zeros(2)
+
+for batch in DataLoader(Shards(), batch_size=4, num_workers=1):
+    pass""",
+    "close": "cluster.close()",
+}
+
+
+def stdout(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("notebook")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(SETUP)] + [
+        nbformat.v4.new_code_cell(code, metadata={"name": name}) for name, code in CELLS.items()]
+    client = NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(workdir)}})
+    client.execute()
+    cells = {c.metadata.get("name"): c for c in nb.cells}
+    return cells, workdir
+
+
+def test_the_namespace_is_kept_and_targets_pick_ranks(executed):
+    cells, _ = executed
+    assert sorted(re.findall(r"\[stdout:(\d)\] set (\d+)", stdout(cells["keep"]))) == [
+        ("0", "0"), ("1", "10"), ("2", "20"), ("3", "30")]
+    assert sorted(re.findall(r"\[stdout:(\d)\] now (\d+)", stdout(cells["targets"]))) == [
+        ("1", "11"), ("3", "31")]
+
+
+def test_ip01_returns_with_the_traceback_where_the_others_wait_and_a_report(executed):
+    cells, workdir = executed
+    out = stdout(cells["ip01"])
+    assert "[rank 2] raised:" in out and "ValueError" in out
+    assert ("[TD-04] rank 2 raised ValueError: a bad sample on rank 2 at the cell's line 2 "
+            "(`raise ValueError('a bad sample on rank 2')`); ranks 0,1,3 are in <module> at "
+            "the cell's line 3 (`MPI.COMM_WORLD.Barrier()`)") in out
+    assert "EpollSelector" not in out.split("Diagnosis:")[1]  # not the engine's idle loop
+    (path,) = re.findall(r"hangkit: report: (\S+hang-report\.md)", out)
+    report = json.loads((workdir / Path(path).parent / "hang-report.json").read_text())
+    assert report["diagnosis"][0]["kind"] == "TD-04" and report["diagnosis"][0]["ranks"] == [2]
+    assert "cluster.interrupt()" in out
+
+
+def test_cells_run_again_after_a_restart(executed):
+    cells, _ = executed
+    assert sorted(re.findall(r"\[stdout:(\d)\] fresh False", stdout(cells["again"]))) == [
+        "0", "1", "2", "3"]  # new engines: a new namespace
+
+
+def test_dl01_in_the_users_own_dataset_at_the_deadline(executed):
+    cells, workdir = executed
+    out = stdout(cells["dl01"])
+    assert "ran past its deadline (--timeout 20)" in out
+    (path,) = re.findall(r"hangkit: report: (\S+hang-report\.md)", out)
+    report = json.loads((workdir / Path(path).parent / "hang-report.json").read_text())
+    workers = [p for p in report["processes"] if p["role"] == "dataloader-worker"]
+    assert workers, [p["role"] for p in report["processes"]]
+    frames = [f["function"] for w in workers for t in w["threads"] for f in t["frames"]]
+    assert any(name.endswith("__getitem__") for name in frames), frames
+    assert "DL-01" in [d["kind"] for d in report["diagnosis"]]
