@@ -9,23 +9,19 @@ not what the missing ranks were doing.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from hangkit.errors import UsageError
 from hangkit.flight_recorder.dumps import read_directory
 from hangkit.flight_recorder.rules import diagnose_views
 from hangkit.flight_recorder.view import merge, render
-from hangkit.records import Diagnosis, HangReport
-
-REPORT_NAME = "hang-report.json"
+from hangkit.monitor.report import JSON_NAME
+from hangkit.records import Diagnosis
 
 
 def explain(path: Path) -> list[str]:
     """The lines `hangkit explain` prints. UsageError for a path it cannot read."""
-    if path.is_dir() and (path / REPORT_NAME).is_file():
-        path = path / REPORT_NAME
-    if path.is_file():
+    if (path.is_dir() and (path / JSON_NAME).is_file()) or path.is_file():
         return _from_report(path)
     if path.is_dir():
         return _from_dumps(path)
@@ -34,12 +30,9 @@ def explain(path: Path) -> list[str]:
 
 def _from_report(path: Path) -> list[str]:
     from hangkit.monitor.diagnose import diagnose  # the same rules as at capture
-    from hangkit.monitor.report import render_collectives
+    from hangkit.monitor.report import read_report, render_collectives
 
-    try:
-        report = HangReport.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"{path}: not a hang report ({type(e).__name__}: {e})") from None
+    path, report = read_report(path)
     found = diagnose(report.processes, report.events, report.looks)
     lines = [f"{path}: {report.reason}"]
     collectives = render_collectives(report)
@@ -52,7 +45,7 @@ def _from_report(path: Path) -> list[str]:
 def _from_dumps(directory: Path) -> list[str]:
     recordings = read_directory(directory)
     if not recordings:
-        raise UsageError(f"{directory}: no {REPORT_NAME} and no Flight Recorder dumps (files "
+        raise UsageError(f"{directory}: no {JSON_NAME} and no Flight Recorder dumps (files "
                          "named PREFIX<rank>, as TORCH_FR_DUMP_TEMP_FILE writes them)")
     views = merge(recordings)
     lines = [f"{directory}: Flight Recorder dumps of {len(recordings)} rank(s)", "",

@@ -16,7 +16,7 @@ import sys
 _EXPORTS = {
     "EngineCluster": "cluster", "RankTasks": "cluster", "ClusterStartError": "cluster",
     "doctor_results": "cluster", "Dashboard": "dashboard", "LiveDashboard": "live",
-    "ProbeMatrix": "probe_matrix", "plots": None,
+    "ProbeMatrix": "probe_matrix", "show_report": "report_view", "plots": None,
 }
 
 __all__ = sorted(_EXPORTS)

@@ -37,23 +37,13 @@ from hangkit.jupyter.dashboard_format import (
     state_of,
     steps_total,
 )
-from hangkit.jupyter.display import has_frontend
+from hangkit.jupyter.display import STATE_COLOURS, has_frontend
 from hangkit.monitor.merge import render_tree
 from hangkit.records import Diagnosis, RankState, RankStatus, StallEvent, TreeNode
 
 log = logging.getLogger(__name__)
 
-COLOURS = {
-    RankState.RUNNING: "#2e7d32",  # green
-    RankState.BUSY: "#00838f",  # teal: no beat for a while, but its stack keeps moving
-    RankState.IDLE: "#78909c",  # grey-blue: an engine between cells, not working by intent
-    RankState.WAITING: "#f9a825",  # amber: stopped inside a collective, waiting for its peers
-    RankState.SLOW: "#ef6c00",  # orange: a straggler
-    RankState.STALLED: "#c62828",  # red: stopped outside any collective, where hangs start
-    RankState.DEAD: "#424242",  # near black
-    RankState.ERRORED: "#6a1b9a",  # purple
-    RankState.FINISHED: "#1565c0",  # blue
-}
+COLOURS = STATE_COLOURS  # one colour per state, shared with the report view
 TEXT_COLOURS = {RankState.WAITING: "black"}  # white on the others; amber is too light for it
 BAR_STYLES = {
     RankState.RUNNING: "success", RankState.BUSY: "info", RankState.IDLE: "",

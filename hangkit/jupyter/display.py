@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from hangkit.records import RankState
+
 NONINTERACTIVE_VARIABLE = "HANGKIT_NONINTERACTIVE"
 
 # The doctor's probe statuses, shared by the probe matrix (ipywidgets) and the heatmap
@@ -23,6 +25,18 @@ PROBE_COLOURS = {
     "error": "#7b1fa2",  # purple
 }
 PROBE_TEXT_COLOURS = {"warn": "black", "skipped": "black"}  # the rest read best in white
+# Each rank state's colour, shared by the dashboard's rows and the report view's plot.
+STATE_COLOURS = {
+    RankState.RUNNING: "#2e7d32",  # green
+    RankState.BUSY: "#00838f",  # teal: no beat for a while, but its stack keeps moving
+    RankState.IDLE: "#78909c",  # grey-blue: an engine between cells, not working by intent
+    RankState.WAITING: "#f9a825",  # amber: stopped inside a collective, waiting for its peers
+    RankState.SLOW: "#ef6c00",  # orange: a straggler
+    RankState.STALLED: "#c62828",  # red: stopped outside any collective, where hangs start
+    RankState.DEAD: "#424242",  # near black
+    RankState.ERRORED: "#6a1b9a",  # purple
+    RankState.FINISHED: "#1565c0",  # blue
+}
 
 
 def has_frontend() -> bool:

@@ -210,3 +210,19 @@ def write_report(report: HangReport, directory: Path) -> tuple[Path, Path]:
     write_for_analyzer([p.recording for p in report.processes if p.role == Role.RANK
                         and p.recording is not None and p.recording.dump], directory)
     return json_path, md_path
+
+
+def read_report(path: Path) -> tuple[Path, HangReport]:
+    """A report written by `hangkit watch` or a `%%hk` cell: its directory or its JSON.
+    UsageError naming the path when it is neither."""
+    from hangkit.errors import UsageError
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / JSON_NAME
+    try:
+        return path, HangReport.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise UsageError(f"no such file or directory: {path}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"{path}: not a hang report ({type(e).__name__}: {e})") from None
