@@ -1,6 +1,7 @@
 """`%%hk` in a real kernel (nbclient), on real MPI engines: the namespace kept from cell to cell,
 --targets, IP-01 returning long before its deadline with the traceback, where the others
-wait and a report, cells after cluster.restart(), and DL-01 in the user's own Dataset."""
+wait and a report, cells after cluster.restart(), one rank interrupted alone (in Python, and
+inside a C call), and DL-01 in the user's own Dataset."""
 
 from __future__ import annotations
 
@@ -30,6 +31,13 @@ CELLS = {
             "MPI.COMM_WORLD.Barrier()",
     "restart": "cluster.restart()\nNone",
     "again": "%%hk --timeout 120\nimport os\nprint('fresh', 'seen' in dir())",
+    "loop": "%%hk --noblock\nimport time\nfrom mpi4py import MPI\n"
+            "rank = MPI.COMM_WORLD.Get_rank()\nwhile rank == 1:\n    time.sleep(0.05)",
+    "interrupt_python": "print('\\n'.join(cluster.interrupt([1], escalate=False)))",
+    "after": "%%hk --timeout 60\nprint('alive', rank)",
+    "in_c": "%%hk --noblock\nif rank == 1:\n    MPI.COMM_WORLD.Barrier()",
+    "interrupt_c": "print('\\n'.join(cluster.interrupt([1], grace=2, escalate=False)))",
+    "restart2": "cluster.restart()\nNone",  # rank 1 stays in its barrier: new engines
     "dl01": """%%hk --timeout 20
 import threading
 import torch
@@ -93,6 +101,22 @@ def test_cells_run_again_after_a_restart(executed):
     cells, _ = executed
     assert sorted(re.findall(r"\[stdout:(\d)\] fresh False", stdout(cells["again"]))) == [
         "0", "1", "2", "3"]  # new engines: a new namespace
+
+
+def test_one_rank_is_interrupted_alone_where_it_runs_python(executed):
+    cells, _ = executed
+    out = stdout(cells["interrupt_python"])
+    assert ("rank 1 raised KeyboardInterrupt in the cell's code; its engine goes on, namespace "
+            "kept, and so do the other ranks") in out, out
+    assert sorted(re.findall(r"\[stdout:(\d)\] alive (\d)", stdout(cells["after"]))) == [
+        (str(r), str(r)) for r in range(4)]
+
+
+def test_a_rank_inside_a_c_call_is_said_to_be_and_what_to_do(executed):
+    cells, _ = executed
+    out = stdout(cells["interrupt_c"])
+    assert "SIGINT to rank 1: no effect within 2 s" in out, out
+    assert "rank 1 is inside a C call" in out and "cluster.interrupt() escalates" in out
 
 
 def test_dl01_in_the_users_own_dataset_at_the_deadline(executed):

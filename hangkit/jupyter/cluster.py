@@ -141,6 +141,7 @@ class EngineCluster:
         self._ipp = None
         self._live = None
         self.latest: RankTasks | None = None  # the task interrupt() watches
+        self.cells: list = []  # the %%hk cells run on it (magic.CellRun), oldest first
         self._processes: list = []  # psutil.Process of all the cluster started
 
     # -- starting and stopping --------------------------------------------------------------
@@ -353,13 +354,18 @@ class EngineCluster:
 
         return capture_engines(self)
 
-    def interrupt(self, ranks: list[int] | None = None, *, grace: float = 3.0) -> list[str]:
+    def interrupt(self, ranks: list[int] | None = None, *, grace: float = 3.0,
+                  escalate: bool = True) -> list[str]:
         """Escalates on the ranks' engines until their tasks end: SIGINT, a stack dump,
-        SIGTERM, SIGKILL, until the latest task (steps(), setup(), apply()) has ended on
-        them; returns (and logs) one line per step saying what it achieved."""
-        from hangkit.jupyter.escalate import escalate
+        SIGTERM, SIGKILL, until the latest task (a %%hk cell, steps(), setup(), apply()) has
+        ended on them; returns (and logs) one line per step saying what it achieved.
+        `escalate=False`: the KeyboardInterrupt alone, which an engine running Python
+        survives (say `interrupt([2], escalate=False)` for one rank); a rank inside a C call
+        is said to be, with what to do instead."""
+        from hangkit.jupyter.escalate import escalate as run
 
-        return escalate(self, self.ranks if ranks is None else list(ranks), grace=grace)
+        return run(self, self.ranks if ranks is None else list(ranks), grace=grace,
+                   stop_at_sigint=not escalate)
 
     def signal(self, sig: int, ranks: list[int]) -> None:
         """Sends `sig` to the ranks' engine processes: directly when on this host, else

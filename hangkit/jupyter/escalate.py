@@ -4,6 +4,10 @@ A rank blocked inside MPI or gloo does not see SIGINT until the C call returns, 
 never; ipyparallel's abort() does nothing for a running task. So: SIGINT, and wait a grace
 period; then the stacks of those still running (so the evidence is kept before anything is
 killed); then SIGTERM; then SIGKILL. Each step reports what it achieved.
+
+One rank can be interrupted alone (stop_at_sigint): a KeyboardInterrupt into its code, which
+its engine survives, where it runs Python. Ending an engine would end them all: MPICH ends the
+job when a rank dies.
 """
 
 from __future__ import annotations
@@ -69,7 +73,26 @@ def _keep_stacks(cluster, still: list[int], say) -> None:
         cluster.live.dashboard.show_stacks(tree, diagnoses, note="captured while interrupting")
 
 
-def escalate(cluster, ranks: list[int], *, grace: float = 3.0) -> list[str]:
+def _after_sigint(cluster, interrupted: list[int], still: list[int], say) -> None:
+    """What a KeyboardInterrupt alone achieved, and what to do where it could not."""
+    stopped = sorted(set(interrupted) - set(still))
+    if stopped:
+        say(f"{ranks_phrase(stopped)} raised KeyboardInterrupt in the cell's code; "
+            f"{'its engine goes' if len(stopped) == 1 else 'their engines go'} on, "
+            "namespace kept, and so do the other ranks")
+    if still:
+        _keep_stacks(cluster, still, say)
+        say(f"{ranks_phrase(still)} {'is' if len(still) == 1 else 'are'} inside a C call (a "
+            "collective, I/O): Python raises the KeyboardInterrupt only when that call "
+            "returns, which a collective whose peers never come never does. "
+            "cluster.interrupt() escalates to SIGTERM and SIGKILL, which ends the MPI job; "
+            "cluster.restart() then starts new engines")
+
+
+def escalate(cluster, ranks: list[int], *, grace: float = 3.0,
+             stop_at_sigint: bool = False) -> list[str]:
+    """The escalation on these ranks, one line per step. `stop_at_sigint`: only the
+    KeyboardInterrupt, for one rank's Python code; the engines are never ended then."""
     report: list[str] = []
 
     def say(line: str) -> None:
@@ -80,7 +103,11 @@ def escalate(cluster, ranks: list[int], *, grace: float = 3.0) -> list[str]:
     if not still:
         say(f"nothing to interrupt: no task is running on {ranks_phrase(ranks)}")
         return report
+    interrupted = still
     still = _signal(cluster, signal.SIGINT, still, grace, say)
+    if stop_at_sigint:
+        _after_sigint(cluster, interrupted, still, say)
+        return report
     if still:  # the evidence is kept before anything is killed
         _keep_stacks(cluster, still, say)
     for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -7,8 +7,9 @@ past its deadline.
     print(f"loss {loss:.3f}")
 
 Each engine keeps its namespace from cell to cell (ipyparallel's execute), `--targets 0,2`
-runs on some ranks, `--noblock` returns the running CellRun at once. Each rank's output is
-printed with the rank in front of it as it arrives, and what a rank raised under its rank.
+runs on some ranks, `--noblock` returns the running CellRun at once (`.wait()` it later); every
+cell's CellRun is kept in `cluster.cells`. Each rank's output is printed with the rank in
+front of it as it arrives, and what a rank raised under its rank.
 
 The cell returns when every rank has finished; or when a rank raised and a look at the others
 (monitor/confirm.py, as `hangkit watch` looks) finds none of them progressing: they wait for
@@ -37,9 +38,10 @@ LOOK_EVERY = 5.0  # seconds between looks at the others once a rank has raised
 _LOCATION = re.compile(r'(?:File "?([^",]+)"?, line (\d+)|File ([^\s:]+):(\d+)|'
                        r'Cell In\[\d+\], line (\d+))')
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# Where ipykernel says a cell's code is: a file per engine (its pid in the path) that is only
-# written with the debugger on. Read as the cell's line, with its text from the cell itself.
-_CELL_FILE = re.compile(r"\S*ipykernel_\d+/\d+\.py:(\d+)")
+# Where ipykernel says a cell's code is: a file per engine (its pid in the path) named by a
+# hash of the cell's code, and only written with the debugger on. Read as the cell's line, with
+# its text from the cell itself (cluster.cells keeps them).
+_CELL_FILE = re.compile(r"\S*ipykernel_\d+/(\d+)\.py:(\d+)")
 
 
 class CellRun:
@@ -123,11 +125,14 @@ class CellRun:
                f"a %%hk cell ran past its deadline (--timeout {self.timeout:g})")
         report = self.report or look_at_engines(self.cluster, why=why)
         report.reason, report.idle_seconds = why, round(elapsed, 1)
+        cells = cell_sources(self.cluster.cells, self)
         for rank, tb in sorted(self.tasks.errors().items()):
             report.events.append(StallEvent(
                 "raised", f"rank {rank} raised {summarise(tb, self.code)}; "
-                + where_others_are(report, rank, self.code), ranks=[rank]))
+                + where_others_are(report, rank, cells), ranks=[rank]))
         report.diagnosis = diagnose(report.processes, report.events, report.looks)
+        for d in report.diagnosis:  # in the cells' terms, not the engines' temporary files
+            d.summary = in_cell(d.summary, cells)
         self.report = report
         self.report_dir = Path(f"hangkit-notebook-report-{time.strftime('%Y%m%d-%H%M%S')}")
         json_path, md_path = write_report(report, self.report_dir)
@@ -160,36 +165,53 @@ def summarise(traceback_text: str, code: str = "") -> str:
         return error
     file1, line1, file2, line2, cell_line = places[-1]
     where = cell_text(int(cell_line), code) if cell_line else \
-        in_cell(f"{file1}:{line1}" if file1 else f"{file2}:{line2}", code)
+        (f"{file1}:{line1}" if file1 else f"{file2}:{line2}")
     return f"{error} at {where}"
 
 
-def cell_text(line: int, code: str) -> str:
+def cell_text(line: int, code: str, name: str = "the cell") -> str:
     """"the cell's line 4 (`comm.Barrier()`)". IPython numbers a cell's lines from its first
     line that is not blank."""
     lines = code.splitlines()
     while lines and not lines[0].strip():
         lines.pop(0)
     text = lines[line - 1].strip() if 0 < line <= len(lines) else ""
-    return f"the cell's line {line}" + (f" (`{text}`)" if text else "")
+    return f"{name}'s line {line}" + (f" (`{text}`)" if text else "")
 
 
-def in_cell(location: str, code: str) -> str:
-    """A location with an engine's cell file in it said as the cell's line."""
-    return _CELL_FILE.sub(lambda m: cell_text(int(m.group(1)), code), location)
+def cell_sources(cells: list, current: CellRun) -> dict[str, tuple[str, str]]:
+    """{hash ipykernel names a cell's file by: (how to call the cell, its code)}."""
+    try:
+        from ipykernel.compiler import get_tmp_hash_seed, murmur2_x86
+    except ImportError:  # another kernel: cells are then said by their line alone
+        return {}
+    seed = get_tmp_hash_seed()
+    out = {str(murmur2_x86(c.code, seed)): (f"%%hk cell {i}", c.code)
+           for i, c in enumerate(cells, 1)}
+    out[str(murmur2_x86(current.code, seed))] = ("the cell", current.code)
+    return out
+
+
+def in_cell(text: str, cells: dict[str, tuple[str, str]]) -> str:
+    """Locations in an engine's cell files said as cells' lines."""
+    def said(m: re.Match) -> str:
+        name, code = cells.get(m.group(1), ("a cell", ""))
+        return cell_text(int(m.group(2)), code, name)
+
+    return _CELL_FILE.sub(said, text)
 
 
 def raised_phrase(errors: dict[int, str]) -> str:
     return f"{ranks_phrase(errors)} raised" if errors else "no rank raised"
 
 
-def where_others_are(report: HangReport, rank: int, code: str = "") -> str:
+def where_others_are(report: HangReport, rank: int, cells: dict[str, tuple[str, str]]) -> str:
     """'ranks 0,1,3 are in <module> at the cell's line 5 (`comm.Barrier()`)'."""
     by_place: dict[str, list[int]] = {}
     for g in report.groups:
         for r in g.ranks:
             if r != rank:
-                by_place.setdefault(in_cell(g.location, code), []).append(r)
+                by_place.setdefault(in_cell(g.location, cells), []).append(r)
     parts = [f"{ranks_phrase(rs)} {'is' if len(rs) == 1 else 'are'} in {place}"
              for place, rs in by_place.items()]
     return "; ".join(parts) or "no other rank was seen"
@@ -213,9 +235,9 @@ def parse_targets(text: str | None, ranks: list[int]) -> list[int]:
     return sorted(set(chosen))
 
 
-def run_cell(line: str, cell: str, *, out=None) -> CellRun:
-    """What `%%hk LINE` does with its cell: parses the options, runs, waits (unless
-    --noblock)."""
+def run_cell(line: str, cell: str, *, out=None) -> CellRun | None:
+    """What `%%hk LINE` does with its cell: parses the options, runs, waits; the running
+    CellRun with --noblock."""
     import argparse
     import shlex
 
@@ -238,4 +260,8 @@ def run_cell(line: str, cell: str, *, out=None) -> CellRun:
                          "EngineCluster(4).start()")
     run = CellRun(cluster, cell, parse_targets(args.targets, cluster.ranks), args.timeout,
                   out=out)
-    return run if args.noblock else run.wait()
+    cluster.cells.append(run)
+    if args.noblock:
+        return run
+    run.wait()
+    return None  # as %%px: the cell shows its ranks' output, not a value (see cluster.cells)
