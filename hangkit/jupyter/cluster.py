@@ -305,6 +305,16 @@ class EngineCluster:
             rank: self.client[rank].execute(code, silent=False, block=False)
             for rank in (self.ranks if ranks is None else ranks)}))
 
+    def pull(self, name: str, ranks: list[int] | None = None, *,
+             timeout: float = CALL_TIMEOUT) -> dict[int, Any]:
+        """The value of `name` in each engine's namespace (what `%%hk` cells set), for the
+        ranks that answered within `timeout` seconds: {rank: value}."""
+        tasks = RankTasks(f"pull {name}", {
+            rank: self.client[rank].pull(name, block=False)
+            for rank in (self.ranks if ranks is None else ranks)})
+        tasks.wait(timeout)
+        return tasks.values()
+
     def _follow(self, tasks: RankTasks) -> RankTasks:
         self.latest = tasks
         if self._live is not None:  # the dashboard shows what a rank raised
