@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_doctor.py
 	$(PY) benchmarks/bench_trust.py
 	$(PY) benchmarks/bench_flight_recorder.py
+	$(PY) benchmarks/bench_notebook_cells.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

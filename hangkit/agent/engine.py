@@ -65,6 +65,17 @@ def _idle() -> None:
     progress(phase="idle")
 
 
+def cell_started() -> None:
+    """A %%hk cell runs next: the engine is working, and may stall, until cell_ended()."""
+    from hangkit.agent import progress
+
+    progress(phase="cell")
+
+
+def cell_ended() -> None:
+    _idle()
+
+
 def summary() -> dict:
     s = _runner.state
     return {"step": s.step, "epoch": s.epoch, "finished": s.finished,

@@ -301,9 +301,17 @@ class EngineCluster:
     def execute(self, code: str, ranks: list[int] | None = None) -> RankTasks:
         """Runs `code` in the engines' own namespaces (kept from call to call, as `%%px`
         keeps them), on every engine or on `ranks`; returns at once. `%%hk` runs on this."""
-        return self._follow(RankTasks("%%hk", {
-            rank: self.client[rank].execute(code, silent=False, block=False)
-            for rank in (self.ranks if ranks is None else ranks)}))
+        chosen = self.ranks if ranks is None else ranks
+        # Each engine runs its requests in order: it reads "cell" while the code runs (so a
+        # rank stuck in it can be stalled, not idle), "idle" once it is done.
+        for rank in chosen:
+            self.client[rank].apply_async(engine.cell_started)
+        tasks = RankTasks("%%hk", {rank: self.client[rank].execute(code, silent=False,
+                                                                   block=False)
+                                   for rank in chosen})
+        for rank in chosen:
+            self.client[rank].apply_async(engine.cell_ended)
+        return self._follow(tasks)
 
     def pull(self, name: str, ranks: list[int] | None = None, *,
              timeout: float = CALL_TIMEOUT) -> dict[int, Any]:

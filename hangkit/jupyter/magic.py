@@ -35,13 +35,17 @@ from hangkit.text import ranks_phrase
 DEFAULT_TIMEOUT = 600.0  # seconds a %%hk cell may run: --timeout
 POLL = 0.1  # seconds between looks at the engines' output and states
 LOOK_EVERY = 5.0  # seconds between looks at the others once a rank has raised
+OUTPUT_WAIT = 2.0  # seconds for the last output of ranks that are done
 _LOCATION = re.compile(r'(?:File "?([^",]+)"?, line (\d+)|File ([^\s:]+):(\d+)|'
                        r'Cell In\[\d+\], line (\d+))')
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Where ipykernel says a cell's code is: a file per engine (its pid in the path) named by a
 # hash of the cell's code, and only written with the debugger on. Read as the cell's line, with
 # its text from the cell itself (cluster.cells keeps them).
-_CELL_FILE = re.compile(r"\S*ipykernel_\d+/(\d+)\.py:(\d+)")
+_ENGINE_CELL_FILE = re.compile(r"\S*ipykernel_\d+/(\d+)\.py")
+# Frames in those files are renamed hk-cell-HASH.py in the report, so that ranks at the same
+# line of the same cell merge in the tree and the groups; text is then said as cells' lines.
+_CELL_FILE = re.compile(r"(?:\S*ipykernel_\d+/|hk-cell-)(\d+)\.py:(\d+)")
 
 
 class CellRun:
@@ -80,6 +84,7 @@ class CellRun:
                 self._next_look = time.monotonic() + LOOK_EVERY
             # Returns as soon as every rank is done; output arrives on ipyparallel's thread.
             self.tasks.wait(min(POLL, max(self.deadline - time.monotonic(), 0.0)))
+        self._last_output()
         self.stream()
         if self.outcome != "finished":
             self._hang()
@@ -100,6 +105,14 @@ class CellRun:
             if rank not in self._errors_shown:
                 self._errors_shown.add(rank)
                 print(f"[rank {rank}] raised:\n{tb.rstrip()}", file=self.out)
+
+    def _last_output(self) -> None:
+        """A rank's reply can come before the last of its output: waits for the output of
+        the ranks that are done, for OUTPUT_WAIT seconds in all."""
+        ends_at = time.monotonic() + OUTPUT_WAIT
+        for ar in self.tasks.results.values():
+            if ar.ready():
+                ar.wait_for_output(max(ends_at - time.monotonic(), 0.01))
 
     def _others_wait(self) -> bool:
         """A look at the engines still running: True when none of them is progressing."""
@@ -125,6 +138,7 @@ class CellRun:
                f"a %%hk cell ran past its deadline (--timeout {self.timeout:g})")
         report = self.report or look_at_engines(self.cluster, why=why)
         report.reason, report.idle_seconds = why, round(elapsed, 1)
+        name_cell_files(report)
         cells = cell_sources(self.cluster.cells, self)
         for rank, tb in sorted(self.tasks.errors().items()):
             report.events.append(StallEvent(
@@ -137,7 +151,7 @@ class CellRun:
         self.report_dir = Path(f"hangkit-notebook-report-{time.strftime('%Y%m%d-%H%M%S')}")
         json_path, md_path = write_report(report, self.report_dir)
         for line in render_summary(report):
-            print(line, file=self.out)
+            print(in_cell(line, cells), file=self.out)
         print(f"hangkit: report: {md_path} (and {json_path.name} beside it)", file=self.out)
         print("hangkit: the engines are left as they are: cluster.interrupt() ends the cell's "
               "work on them, cluster.restart() starts new ones", file=self.out)
@@ -177,6 +191,20 @@ def cell_text(line: int, code: str, name: str = "the cell") -> str:
         lines.pop(0)
     text = lines[line - 1].strip() if 0 < line <= len(lines) else ""
     return f"{name}'s line {line}" + (f" (`{text}`)" if text else "")
+
+
+def name_cell_files(report: HangReport) -> None:
+    """Each engine's file of a cell renamed after the cell alone (hk-cell-HASH.py), and the
+    groups and the tree made again from them."""
+    from hangkit.monitor.merge import groups, merged_tree
+
+    for p in report.processes:
+        for t in p.threads:
+            for f in t.frames:
+                m = _ENGINE_CELL_FILE.fullmatch(f.file)
+                if m:
+                    f.file = f"hk-cell-{m.group(1)}.py"
+    report.groups, report.tree = groups(report.processes), merged_tree(report.processes)
 
 
 def cell_sources(cells: list, current: CellRun) -> dict[str, tuple[str, str]]:

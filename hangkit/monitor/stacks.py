@@ -14,6 +14,7 @@ _DEMO_PATH = f"{os.sep}hangkit{os.sep}demo{os.sep}"
 # hangkit's own rank-side code (progress(), the collective wrappers) is a library, even when
 # hangkit is installed from a checkout (pip install -e) rather than into site-packages.
 _AGENT_PATH = f"{os.sep}hangkit{os.sep}agent{os.sep}"
+_IPYTHON_SHELL = "IPython/core/interactiveshell.py"
 
 
 def is_user_frame(frame: Frame) -> bool:
@@ -81,6 +82,11 @@ def tree_frames(thread: ThreadStack) -> list[Frame]:
     start = 0
     while start < len(thread.frames) and "runpy" in thread.frames[start].file:
         start += 1  # `python -m` start-up frames, the same in every process
+    # An ipyparallel engine's (or a kernel's) frames down to IPython running the cell's code:
+    # the same on every engine; the cell starts below them.
+    for i, f in enumerate(thread.frames):
+        if f.file.endswith(_IPYTHON_SHELL) and bare_name(f) == "run_code":
+            start = i + 1
     for i, f in enumerate(thread.frames[start:], start):
         if is_instrumentation(f):
             continue
