@@ -21,7 +21,15 @@ os.environ["HANGKIT_NONINTERACTIVE"] = "1"
 os.environ["IPYTHONDIR"] = os.path.abspath("ipython")  # its own ipyparallel profile
 from hangkit.jupyter import EngineCluster
 cluster = EngineCluster(4, start_timeout=120).start()
-%load_ext hangkit.jupyter"""
+%load_ext hangkit.jupyter
+import time
+
+def until_phase(rank, phase, timeout=60):
+    # The readiness signal of a --noblock cell: its rank reported the phase it blocks in.
+    deadline = time.monotonic() + timeout
+    while not any(s.rank == rank and s.phase == phase for s in cluster.monitor.statuses()):
+        assert time.monotonic() < deadline, cluster.monitor.statuses()
+        time.sleep(0.05)  # polled against the deadline above"""
 
 CELLS = {
     "keep": "%%hk\nfrom mpi4py import MPI\nrank = MPI.COMM_WORLD.Get_rank()\n"
@@ -31,13 +39,20 @@ CELLS = {
             "MPI.COMM_WORLD.Barrier()",
     "restart": "cluster.restart()\nNone",
     "again": "%%hk --timeout 120\nimport os\nprint('fresh', 'seen' in dir())",
+    "quiet": "%%hk --timeout 240 --progress-timeout 3\nimport hangkit, threading\n"
+             "hangkit.progress(step=1)\nthreading.Event().wait(600)",
+    "interrupt_quiet": "print('\\n'.join(cluster.interrupt(escalate=False)))",
     "loop": "%%hk --noblock\nimport time\nfrom mpi4py import MPI\n"
-            "rank = MPI.COMM_WORLD.Get_rank()\nwhile rank == 1:\n    time.sleep(0.05)",
-    "interrupt_python": "print('\\n'.join(cluster.interrupt([1], escalate=False)))",
+            "rank = MPI.COMM_WORLD.Get_rank()\nhangkit.progress(phase=f'looping {rank}')\n"
+            "while rank == 1:\n    time.sleep(0.05)",
+    "interrupt_python": "until_phase(1, 'looping 1')\n"
+                        "print('\\n'.join(cluster.interrupt([1], escalate=False)))",
     "after": "%%hk --timeout 60\nprint('alive', rank)",
-    "in_c": "%%hk --noblock\nif rank == 1:\n    MPI.COMM_WORLD.Barrier()",
-    "interrupt_c": "print('\\n'.join(cluster.interrupt([1], grace=2, escalate=False)))",
-    "restart2": "cluster.restart()\nNone",  # rank 1 stays in its barrier: new engines
+    "in_c": "%%hk --noblock\nhangkit.progress(phase='barrier')\nif rank == 1:\n"
+            "    MPI.COMM_WORLD.Barrier()",
+    "interrupt_c": "until_phase(1, 'barrier')\n"
+                   "print('\\n'.join(cluster.interrupt([1], grace=2, escalate=False)))",
+    "restart2": "cluster.restart()\nNone",  # ranks stay in their barriers: new engines
     "dl01": """%%hk --timeout 20
 import threading
 import torch
@@ -110,6 +125,14 @@ def test_one_rank_is_interrupted_alone_where_it_runs_python(executed):
             "kept, and so do the other ranks") in out, out
     assert sorted(re.findall(r"\[stdout:(\d)\] alive (\d)", stdout(cells["after"]))) == [
         (str(r), str(r)) for r in range(4)]
+
+
+def test_a_progress_stall_ends_the_cell_long_before_its_deadline(executed):
+    cells, _ = executed
+    out = stdout(cells["quiet"])
+    assert "HANG: a %%hk cell: no rank reported progress for 3 s (--progress-timeout)" in out
+    assert "ranks 0-3: <module> at the cell's line 3 (`threading.Event().wait(600)`)" in out, out
+    assert "ranks 0-3 raised KeyboardInterrupt" in stdout(cells["interrupt_quiet"])
 
 
 def test_a_rank_inside_a_c_call_is_said_to_be_and_what_to_do(executed):

@@ -6,19 +6,21 @@ past its deadline.
     loss = train_step(model, batch)
     print(f"loss {loss:.3f}")
 
-Each engine keeps its namespace from cell to cell (ipyparallel's execute), `--targets 0,2`
-runs on some ranks, `--noblock` returns the running CellRun at once (`.wait()` it later); every
-cell's CellRun is kept in `cluster.cells`. Each rank's output is printed with the rank in
-front of it as it arrives, and what a rank raised under its rank.
+Each engine keeps its namespace from cell to cell (ipyparallel's execute). `--targets 0,2`
+runs on some ranks. `--progress-timeout S` also ends a cell whose ranks report no
+`hangkit.progress()` for S seconds, once a look finds none of them progressing. `--noblock`
+returns the running CellRun at once (`.wait()` it later). Every cell's CellRun is kept in
+`cluster.cells`. Each rank's output is printed with the rank in front of it as it arrives, and
+what a rank raised under its rank.
 
-The cell returns when every rank has finished; or when a rank raised and a look at the others
-(monitor/confirm.py, as `hangkit watch` looks) finds none of them progressing: they wait for
-it (IP-01), and sitting out the deadline would tell nothing more; or at the deadline. In the
-last two cases it shows the hang report, built by the same path as watch's (capture, records,
-diagnosis), with the raised rank's exception as the verdict, writes hang-report.json and .md
-under a new directory it names, and leaves the engines as they are: `cluster.interrupt()`
-ends the cell's work, `cluster.restart()` starts afresh. The kernel never waits longer than the
-deadline and one look.
+The cell returns when every rank has finished; or when a rank raised (or the ranks stopped
+reporting progress) and a look at the others (monitor/confirm.py, as `hangkit watch` looks)
+finds none of them progressing: they wait for it (IP-01), and sitting out the deadline would
+tell nothing more; or at the deadline. In those cases it shows the hang report, built by the
+same path as watch's (capture, records, diagnosis), with a raised rank's exception as the
+verdict, writes hang-report.json and .md under a new directory it names, and leaves the
+engines as they are: `cluster.interrupt()` ends the cell's work, `cluster.restart()` starts
+afresh. The kernel never waits longer than the deadline and one look.
 """
 
 from __future__ import annotations
@@ -51,13 +53,15 @@ _CELL_FILE = re.compile(r"(?:\S*ipykernel_\d+/|hk-cell-)(\d+)\.py:(\d+)")
 class CellRun:
     """One %%hk cell on its engines: its tasks (RankTasks), what it printed, how it ended."""
 
-    def __init__(self, cluster, code: str, ranks: list[int], timeout: float, *, out=None):
+    def __init__(self, cluster, code: str, ranks: list[int], timeout: float, *,
+                 progress_timeout: float | None = None, out=None):
         self.cluster, self.code, self.ranks, self.timeout = cluster, code, ranks, timeout
+        self.progress_timeout = progress_timeout
         self.out = out or sys.stdout
         self.tasks = cluster.execute(code, ranks)
         self.started = time.monotonic()
         self.deadline = self.started + timeout
-        self.outcome: str | None = None  # "finished", "raised", "deadline"
+        self.outcome: str | None = None  # "finished", "raised", "stalled", "deadline"
         self.report: HangReport | None = None
         self.report_dir: Path | None = None
         self._shown: dict[tuple[int, str], int] = {}
@@ -77,9 +81,10 @@ class CellRun:
             if now >= self.deadline:
                 self.outcome = "deadline"
                 break
-            if "raised" in states.values() and now >= self._next_look:
+            stalled = self._stalled()
+            if ("raised" in states.values() or stalled) and now >= self._next_look:
                 if self._others_wait():
-                    self.outcome = "raised"
+                    self.outcome = "raised" if "raised" in states.values() else "stalled"
                     break
                 self._next_look = time.monotonic() + LOOK_EVERY
             # Returns as soon as every rank is done; output arrives on ipyparallel's thread.
@@ -105,6 +110,16 @@ class CellRun:
             if rank not in self._errors_shown:
                 self._errors_shown.add(rank)
                 print(f"[rank {rank}] raised:\n{tb.rstrip()}", file=self.out)
+
+    def _stalled(self) -> bool:
+        """With --progress-timeout: every running rank has reported no progress for that
+        long (hangkit.progress() calls in the cell's code count)."""
+        if self.progress_timeout is None:
+            return False
+        running = {r for r, s in self.tasks.states().items() if s == "running"}
+        quiet = [s.since_progress >= self.progress_timeout
+                 for s in self.cluster.monitor.statuses() if s.rank in running]
+        return bool(quiet) and all(quiet)
 
     def _last_output(self) -> None:
         """A rank's reply can come before the last of its output: waits for the output of
@@ -133,9 +148,13 @@ class CellRun:
         from hangkit.monitor.report import render_summary, write_report
 
         elapsed = time.monotonic() - self.started
-        why = (f"a %%hk cell: {raised_phrase(self.tasks.errors())} and the others wait"
-               if self.outcome == "raised" else
-               f"a %%hk cell ran past its deadline (--timeout {self.timeout:g})")
+        if self.outcome == "raised":
+            why = f"a %%hk cell: {raised_phrase(self.tasks.errors())} and the others wait"
+        elif self.outcome == "stalled":
+            why = (f"a %%hk cell: no rank reported progress for {self.progress_timeout:g} s "
+                   "(--progress-timeout)")
+        else:
+            why = f"a %%hk cell ran past its deadline (--timeout {self.timeout:g})"
         report = self.report or look_at_engines(self.cluster, why=why)
         report.reason, report.idle_seconds = why, round(elapsed, 1)
         name_cell_files(report)
@@ -148,6 +167,9 @@ class CellRun:
         for d in report.diagnosis:  # in the cells' terms, not the engines' temporary files
             d.summary = in_cell(d.summary, cells)
         self.report = report
+        if self.cluster.live is not None:  # one verdict, in the cell and on the dashboard
+            self.cluster.live.dashboard.show_stacks(report.tree, report.diagnosis,
+                                                    note="from the %%hk cell")
         self.report_dir = Path(f"hangkit-notebook-report-{time.strftime('%Y%m%d-%H%M%S')}")
         json_path, md_path = write_report(report, self.report_dir)
         for line in render_summary(report):
@@ -275,19 +297,23 @@ def run_cell(line: str, cell: str, *, out=None) -> CellRun | None:
     parser.add_argument("--targets", default=None)
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     parser.add_argument("--noblock", action="store_true")
+    parser.add_argument("--progress-timeout", type=float, default=None)
     try:
         args, extra = parser.parse_known_args(shlex.split(line))
     except (argparse.ArgumentError, ValueError) as e:
         raise UsageError(f"%%hk {line}: {e}") from None
     if extra:
-        raise UsageError(f"%%hk: unknown option {extra[0]!r} (--targets, --timeout, --noblock)")
+        raise UsageError(f"%%hk: unknown option {extra[0]!r} (--targets, --timeout, "
+                         "--progress-timeout, --noblock)")
     check_positive_seconds("--timeout", args.timeout)
+    if args.progress_timeout is not None:
+        check_positive_seconds("--progress-timeout", args.progress_timeout)
     cluster = EngineCluster.current()
     if cluster is None:
         raise UsageError("%%hk: no EngineCluster is running: start one with "
                          "EngineCluster(4).start()")
     run = CellRun(cluster, cell, parse_targets(args.targets, cluster.ranks), args.timeout,
-                  out=out)
+                  progress_timeout=args.progress_timeout, out=out)
     cluster.cells.append(run)
     if args.noblock:
         return run
