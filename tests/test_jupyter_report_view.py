@@ -50,3 +50,31 @@ def test_a_path_that_is_no_report_is_one_clear_error(tmp_path):
     (tmp_path / "hang-report.json").write_text("[1, 2]")
     with pytest.raises(UsageError, match="not a hang report"):
         show_report(tmp_path)
+
+
+def test_the_tree_reads_at_64_ranks(tmp_path):
+    """63 ranks in an all-reduce, rank 17 elsewhere: its class comes first and has a colour of
+    its own, the long shared chain is folded, the diagnosis stands beside the tree."""
+    from hangkit.jupyter.tree_view import CROWD, tree_html
+    from hangkit.records import Frame, TreeNode
+
+    def chain(frames, ranks, leaf):
+        node = leaf
+        for f in reversed(frames):
+            node = TreeNode(frame=Frame(f, "train.py", 1), ranks=ranks, children=[node])
+        return node
+
+    everyone = list(range(64))
+    crowd = [r for r in everyone if r != 17]
+    waiting = chain(["train_step", "backward", "all_reduce"], crowd,
+                    TreeNode(frame=Frame("wait", "c10d.py", 9), ranks=crowd))
+    odd = TreeNode(frame=Frame("save_checkpoint", "train.py", 30), ranks=[17])
+    shared = chain([f"layer{i}" for i in range(8)], everyone,
+                   TreeNode(frame=Frame("main", "train.py", 2), ranks=everyone,
+                            children=[waiting, odd]))
+    page = tree_html(TreeNode(frame=None, ranks=everyone, children=[shared]),
+                     [Diagnosis("TD-01", "rank 17 never issued it", "advice")])
+    assert page.index("[rank 17]") < page.index("[ranks 0-16,18-63]</b> train_step")
+    assert "<details>" in page and "frames more</summary>" in page
+    assert page.count(f"background:{CROWD}") >= 1 and "background:#d32f2f" in page
+    assert "display:flex" in page and "[TD-01]</b> rank 17 never issued it" in page

@@ -15,8 +15,13 @@ from matplotlib.figure import Figure
 
 from hangkit.jupyter.dashboard_format import collective_text, format_duration
 from hangkit.jupyter.display import STATE_COLOURS, has_frontend, register_figure_png
-from hangkit.monitor.merge import render_tree
-from hangkit.monitor.report import read_report, render_collectives, render_summary
+from hangkit.jupyter.tree_view import tree_html
+from hangkit.monitor.report import (
+    read_report,
+    render_collectives,
+    render_summary,
+    render_workers,
+)
 from hangkit.records import HangReport
 
 MONO = "font-family: monospace; white-space: pre; font-size: 12px"
@@ -33,10 +38,12 @@ class ReportView:
         return "\n".join([f"{self.path}", *render_summary(self.report)])
 
     def rank_rows(self) -> list[list[str]]:
-        """One row per rank: rank, state, step, phase, collective, last progress, where."""
+        """One row per rank: rank, state, step, phase, collective, last progress, where, and
+        its DataLoader workers."""
         return [[r.key, str(r.status), "-" if r.step is None else str(r.step), r.phase or "",
                  collective_text(r), f"{format_duration(r.since_progress)} ago",
-                 f"pid {r.pid} on {r.host}"] for r in self.report.ranks]
+                 f"pid {r.pid} on {r.host}", "; ".join(render_workers(r.workers))]
+                for r in self.report.ranks]
 
     def figure(self) -> Figure:
         """Each rank's last step, coloured by its state: the rank behind the others shows."""
@@ -71,15 +78,19 @@ class ReportView:
         cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
                         for row in self.rank_rows())
         table = ("<table><tr><th>rank</th><th>state</th><th>step</th><th>phase</th>"
-                 f"<th>collective</th><th>progress</th><th>process</th></tr>{cells}</table>")
+                 f"<th>collective</th><th>progress</th><th>process</th><th>workers</th></tr>"
+                 f"{cells}</table>")
         parts = [widgets.HTML(head)]
         if r.ranks:
             parts.append(widgets.HTML(table))
-        for title, lines in (("Merged stacks of the ranks' main threads", render_tree(r.tree)),
-                             ("Collectives (torch's Flight Recorder)", render_collectives(r))):
-            if lines:
-                parts.append(widgets.HTML(f"<b>{title}</b><div style='{MONO}'>"
-                                          f"{html.escape(chr(10).join(lines))}</div>"))
+        if r.tree.children:
+            parts.append(widgets.HTML("<b>Merged stacks of the ranks' main threads</b>"
+                                      + tree_html(r.tree, r.diagnosis)))
+        collectives = render_collectives(r)
+        if collectives:
+            parts.append(widgets.HTML(f"<b>Collectives (torch's Flight Recorder)</b><div "
+                                      f"style='{MONO}'>{html.escape(chr(10).join(collectives))}"
+                                      "</div>"))
         plot = widgets.Output()
         parts.append(plot)
         display(widgets.VBox(parts))
