@@ -13,6 +13,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from hangkit.bundle import collect
+
 pytestmark = pytest.mark.timeout(600)
 
 SETUP = """\
@@ -153,3 +155,7 @@ def test_dl01_in_the_users_own_dataset_at_the_deadline(executed):
     frames = [f["function"] for w in workers for t in w["threads"] for f in t["frames"]]
     assert any(name.endswith("__getitem__") for name in frames), frames
     assert "DL-01" in [d["kind"] for d in report["diagnosis"]]
+    # `hangkit report`, run where the notebook ran, finds the newest of its reports.
+    bundle = collect(cwd=workdir, environ={}, timeout=60)
+    (about,) = [a for m, _, a in bundle.held if m == "hang-report/"]
+    assert str(Path(path).parent) in about, about

@@ -38,7 +38,7 @@ from hangkit.jupyter.dashboard_format import (
     steps_total,
 )
 from hangkit.jupyter.display import STATE_COLOURS, has_frontend
-from hangkit.monitor.merge import render_tree
+from hangkit.jupyter.tree_view import tree_html
 from hangkit.records import Diagnosis, RankState, RankStatus, StallEvent, TreeNode
 
 log = logging.getLogger(__name__)
@@ -311,8 +311,8 @@ class Dashboard:
 
     def _render_stacks(self) -> None:
         _set(self._stacks_note, "value", self.stacks_note)
-        lines = render_tree(self.tree) if self.tree is not None else []
-        _set(self._tree, "value", _pre(lines) if lines else
+        has_tree = self.tree is not None and bool(self.tree.children)
+        _set(self._tree, "value", tree_html(self.tree) if has_tree else
              ("<i>no stacks</i>" if self.tree is not None or self.stacks_note else ""))
         _set(self._diagnoses, "value", "".join(
             f"<p><b>[{html.escape(d.kind)}]</b> {html.escape(d.summary)}<br>"
