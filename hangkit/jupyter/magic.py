@@ -38,6 +38,7 @@ DEFAULT_TIMEOUT = 600.0  # seconds a %%hk cell may run: --timeout
 POLL = 0.1  # seconds between looks at the engines' output and states
 LOOK_EVERY = 5.0  # seconds between looks at the others once a rank has raised
 OUTPUT_WAIT = 2.0  # seconds for the last output of ranks that are done
+SETTLE_WAIT = 3.0  # seconds for the ranks' last beats after a cell, for the dashboard
 _LOCATION = re.compile(r'(?:File "?([^",]+)"?, line (\d+)|File ([^\s:]+):(\d+)|'
                        r'Cell In\[\d+\], line (\d+))')
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -93,7 +94,21 @@ class CellRun:
         self.stream()
         if self.outcome != "finished":
             self._hang()
+        else:
+            self._settle()
         return self
+
+    def _settle(self) -> None:
+        """The dashboard, where one is shown, as the cell left the ranks: once their agents
+        said they are idle again (or SETTLE_WAIT seconds passed), one last update."""
+        if self.cluster.live is None:
+            return
+        ends_at = time.monotonic() + SETTLE_WAIT
+        while time.monotonic() < ends_at and any(
+                s.rank in self.ranks and s.phase != "idle"
+                for s in self.cluster.monitor.statuses()):
+            time.sleep(POLL / 2)  # beats come from the engines' agents, polled to a deadline
+        self.cluster.live.tick()
 
     def stream(self) -> None:
         """What each rank printed since last time, each line with its rank in front; what a
