@@ -103,10 +103,12 @@ class CellRun:
         said they are idle again (or SETTLE_WAIT seconds passed), one last update."""
         if self.cluster.live is None:
             return
+        # A rank that raised may never say so: ipykernel drops the requests queued after an
+        # error, the one that marks it idle among them.
+        done = {r for r, state in self.tasks.states().items() if state == "done"}
         ends_at = time.monotonic() + SETTLE_WAIT
         while time.monotonic() < ends_at and any(
-                s.rank in self.ranks and s.phase != "idle"
-                for s in self.cluster.monitor.statuses()):
+                s.rank in done and s.phase != "idle" for s in self.cluster.monitor.statuses()):
             time.sleep(POLL / 2)  # beats come from the engines' agents, polled to a deadline
         self.cluster.live.tick()
 
