@@ -103,8 +103,8 @@ class CellRun:
         said they are idle again (or SETTLE_WAIT seconds passed), one last update."""
         if self.cluster.live is None:
             return
-        # A rank that raised may never say so: ipykernel drops the requests queued after an
-        # error, the one that marks it idle among them.
+        # A rank that raised is not waited for: its kernel may drop the requests queued after
+        # an error (ipykernel's stop_on_error), the one that marks it idle among them.
         done = {r for r, state in self.tasks.states().items() if state == "done"}
         ends_at = time.monotonic() + SETTLE_WAIT
         while time.monotonic() < ends_at and any(
