@@ -5,12 +5,17 @@ inside a C call), and DL-01 in the user's own Dataset."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import uuid
 from pathlib import Path
 
 import nbformat
+import psutil
 import pytest
+from conftest import TAG_VARIABLE, tagged_processes
 from nbclient import NotebookClient
 
 from hangkit.bundle import collect
@@ -81,13 +86,30 @@ def stdout(cell) -> str:
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
+    """The notebook run once. Its kernel and every engine carry a tag of their own: a cell
+    that fails stops the notebook before its close cell, and the engines would outlive the
+    kernel; whatever carries the tag afterwards is killed, and fails the test."""
     workdir = tmp_path_factory.mktemp("notebook")
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(SETUP)] + [
         nbformat.v4.new_code_cell(code, metadata={"name": name}) for name, code in CELLS.items()]
     client = NotebookClient(nb, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(workdir)}})
-    client.execute()
+    tag, before = uuid.uuid4().hex, os.environ.get(TAG_VARIABLE)
+    os.environ[TAG_VARIABLE] = tag
+    try:
+        client.execute()
+    finally:
+        if before is None:
+            os.environ.pop(TAG_VARIABLE, None)
+        else:
+            os.environ[TAG_VARIABLE] = before
+        left = tagged_processes(tag)
+        for proc in left:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(left, timeout=10)
+    assert not left, f"processes left by the notebook: {[p.pid for p in left]}"
     cells = {c.metadata.get("name"): c for c in nb.cells}
     return cells, workdir
 
