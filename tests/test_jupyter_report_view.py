@@ -3,16 +3,12 @@ so they are built by hand here; notebooks/05 opens a real one)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-os.environ.setdefault("HANGKIT_NONINTERACTIVE", "1")  # text, not widgets nobody sees
-
-from hangkit.errors import UsageError  # noqa: E402
-from hangkit.jupyter import show_report  # noqa: E402
-from hangkit.monitor.report import write_report  # noqa: E402
-from hangkit.records import CollectiveState, Diagnosis, HangReport, RankStatus  # noqa: E402
+from hangkit.errors import UsageError
+from hangkit.jupyter import show_report
+from hangkit.monitor.report import write_report
+from hangkit.records import CollectiveState, Diagnosis, HangReport, RankStatus
 
 pytestmark = pytest.mark.timeout(60)
 
