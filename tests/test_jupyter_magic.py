@@ -36,7 +36,7 @@ def until_phase(rank, phase, timeout=60):
     deadline = time.monotonic() + timeout
     while not any(s.rank == rank and s.phase == phase for s in cluster.monitor.statuses()):
         assert time.monotonic() < deadline, cluster.monitor.statuses()
-        time.sleep(0.05)  # polled against the deadline above"""
+        time.sleep(0.05)  # ok-sleep: polled against the deadline above"""
 
 CELLS = {
     "keep": "%%hk\nfrom mpi4py import MPI\nrank = MPI.COMM_WORLD.Get_rank()\n"
@@ -51,7 +51,7 @@ CELLS = {
     "interrupt_quiet": "print('\\n'.join(cluster.interrupt(escalate=False)))",
     "loop": "%%hk --noblock\nimport time\nfrom mpi4py import MPI\n"
             "rank = MPI.COMM_WORLD.Get_rank()\nhangkit.progress(phase=f'looping {rank}')\n"
-            "while rank == 1:\n    time.sleep(0.05)",
+            "while rank == 1:\n    time.sleep(0.05)  # ok-sleep: the Python loop interrupted\n",
     "interrupt_python": "until_phase(1, 'looping 1')\n"
                         "print('\\n'.join(cluster.interrupt([1], escalate=False)))",
     "after": "%%hk --timeout 60\nprint('alive', rank)",

@@ -13,6 +13,6 @@ comm = MPI.COMM_WORLD
 work = 0.16 if comm.Get_rank() == 1 else 0.02
 for step in range(100_000):
     hangkit.progress(step=step, phase="compute")
-    time.sleep(work)  # stands in for the forward and backward pass
+    time.sleep(work)  # ok-sleep: stands in for the forward and backward pass
     hangkit.progress(phase="sync")
     comm.Barrier()

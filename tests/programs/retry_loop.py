@@ -7,11 +7,11 @@ from hangprog import ready
 
 
 def try_to_connect():
-    time.sleep(0.07)  # the attempt
+    time.sleep(0.07)  # ok-sleep: the attempt
 
 
 def back_off():
-    time.sleep(0.11)  # the pause before the next one
+    time.sleep(0.11)  # ok-sleep: the pause before the next one
 
 
 ready()

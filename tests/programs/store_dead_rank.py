@@ -15,7 +15,7 @@ store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), worl
                  is_master=rank == 0, timeout=timedelta(seconds=120))
 for step in range(100):
     hangkit.progress(step=step, phase="train")
-    time.sleep(0.3)  # stands in for the step's work; long enough for beats to go out
+    time.sleep(0.3)  # ok-sleep: stands in for the step's work; long enough for beats to go out
     if step == 3 and rank == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     hangkit.progress(phase="barrier")
