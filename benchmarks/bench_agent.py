@@ -52,6 +52,7 @@ from benchrun import (
     MARKER,
     MARKER_VALUE,
     judged,
+    load_line,
     marked_processes,
     measure_all,
     print_summary,
@@ -393,9 +394,7 @@ def main() -> int:
         print(ns, "none" if current_agent() is None else "STARTED")
         return 0
     started = time.monotonic()
-    # Wall-clock figures suffer when other processes want this small machine's cores.
-    print(f"load average over the last minute: {os.getloadavg()[0]:.2f} on "
-          f"{os.cpu_count()} cores")
+    print(load_line())
     with tempfile.TemporaryDirectory(prefix="hk-bench-agent-") as tmp:
         results = measure_all(FIGURES, Path(tmp), end=end_all)
     print_summary(results, started)

@@ -22,6 +22,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from benchrun import load_line
+
 from hangkit.probes.runner import DEFAULT_TIMEOUT, run_doctor
 
 TIMEOUT = DEFAULT_TIMEOUT
@@ -43,8 +45,7 @@ def describe(label: str, wall: float, results) -> None:
 
 
 def main() -> int:
-    print(f"load average over the last minute: {os.getloadavg()[0]:.2f} on "
-          f"{os.cpu_count()} cores; --timeout {TIMEOUT:g}")
+    print(load_line(f"; --timeout {TIMEOUT:g}"))
     with tempfile.TemporaryDirectory(prefix="hk-bench-doctor-") as tmp:
         data = Path(tmp) / "data"
         data.mkdir()

@@ -33,7 +33,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchrun import MARKER, MARKER_VALUE, judged, marked_processes, measure_all, print_summary
+from benchrun import (
+    MARKER,
+    MARKER_VALUE,
+    judged,
+    kill_marked,
+    load_line,
+    measure_all,
+    print_summary,
+)
 
 from hangkit.flight_recorder.rules import diagnose_views
 from hangkit.flight_recorder.view import merge
@@ -137,25 +145,18 @@ def child_pids(pid: int) -> list[int]:
     return []
 
 
-def end_all() -> None:
-    for proc in marked_processes():
-        with contextlib.suppress(Exception):
-            proc.kill()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=7)
     pairs = parser.parse_args().pairs
     started = time.monotonic()
-    print(f"load average over the last minute: {os.getloadavg()[0]:.2f} on "
-          f"{os.cpu_count()} cores")
+    print(load_line())
     figures = [
         ("1. recorder overhead", lambda workdir: figure_overhead(workdir, pairs)),
         ("2. dump and merge at capture", figure_capture),
     ]
     with tempfile.TemporaryDirectory(prefix="hk-bench-fr-") as tmp:
-        results = measure_all(figures, Path(tmp), end=end_all)
+        results = measure_all(figures, Path(tmp), end=kill_marked)
     print_summary(results, started)
     return 0
 

@@ -24,7 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchrun import MARKER, MARKER_VALUE, judged, marked_processes, measure_all, print_summary
+from benchrun import (
+    MARKER,
+    MARKER_VALUE,
+    judged,
+    kill_marked,
+    load_line,
+    measure_all,
+    print_summary,
+)
 
 DEADLINE = 3.0
 
@@ -60,8 +68,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=20)
     runs = parser.parse_args().runs
     started = time.monotonic()
-    print(f"load average over the last minute: {os.getloadavg()[0]:.2f} on "
-          f"{os.cpu_count()} cores")
+    print(load_line())
     os.environ[MARKER] = MARKER_VALUE
     os.environ["HANGKIT_NONINTERACTIVE"] = "1"
     with tempfile.TemporaryDirectory(prefix="hk-bench-cells-") as tmp:
@@ -84,9 +91,7 @@ def main() -> int:
         finally:
             cluster.close()
         os.chdir("/")
-    for proc in marked_processes():
-        with contextlib.suppress(Exception):
-            proc.kill()
+    kill_marked()
     print_summary(results, started)
     return 0
 

@@ -27,7 +27,6 @@ started here is ended before the script ends (checked afterwards by an environme
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -40,7 +39,8 @@ from benchrun import (
     MARKER,
     MARKER_VALUE,
     judged,
-    marked_processes,
+    kill_marked,
+    load_line,
     measure_all,
     print_summary,
 )
@@ -68,17 +68,6 @@ threading.Event().wait()  # every thread waits: nothing progresses
 def job_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "HANG_TIMEOUT"}
     return {**env, MARKER: MARKER_VALUE}
-
-
-def end_all() -> None:
-    """SIGKILL to every process this run started that is still there (its marker)."""
-    left = marked_processes()
-    for p in left:
-        with contextlib.suppress(Exception):
-            p.kill()
-    import psutil
-
-    psutil.wait_procs(left, timeout=10)
 
 
 def watched(command: list[str], workdir: Path, *options: str) -> tuple[int, str, Path]:
@@ -169,8 +158,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=20)
     runs = parser.parse_args().runs
     started = time.monotonic()
-    print(f"load average over the last minute: {os.getloadavg()[0]:.2f} on "
-          f"{os.cpu_count()} cores")
+    print(load_line())
     figures = [
         ("1. detection latency, and 4. what a look costs", figure_latency),
         ("2. a busy, silent start-up under load",
@@ -178,7 +166,7 @@ def main() -> int:
         ("3. the demo under load", lambda workdir: figure_demo(workdir, runs)),
     ]
     with tempfile.TemporaryDirectory(prefix="hk-bench-trust-") as tmp:
-        results = measure_all(figures, Path(tmp), end=end_all)
+        results = measure_all(figures, Path(tmp), end=kill_marked)
     print_summary(results, started)
     return 0
 

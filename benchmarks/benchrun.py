@@ -24,6 +24,22 @@ def marked_processes() -> list[psutil.Process]:
     return found
 
 
+def load_line(extra: str = "") -> str:
+    """The machine's load when the figures were taken: wall-clock figures suffer when other
+    processes want this small machine's cores."""
+    return (f"load average over the last minute: {os.getloadavg()[0]:.2f} on "
+            f"{os.cpu_count()} cores{extra}")
+
+
+def kill_marked() -> None:
+    """SIGKILL to every process this run started that is still there (its marker)."""
+    left = marked_processes()
+    for p in left:
+        with contextlib.suppress(Exception):
+            p.kill()
+    psutil.wait_procs(left, timeout=10)
+
+
 def judged(what: str, shown: str, goal: str, ratio: float, met: bool) -> tuple[bool, str]:
     """A figure's line: its value, its goal, the ratio of the two, and the verdict."""
     return met, f"{what}: {shown} (goal {goal}; ratio to goal {ratio:.2f}, " \

@@ -169,7 +169,7 @@ def read_dump(path: Path) -> dict:
     if not isinstance(dump, dict) or "entries" not in dump:
         raise UsageError(f"{path}: not a Flight Recorder dump (no entries)")
     dump = plain(dump)
-    if not readable(Recording(rank=0, dump=dump)):
+    if parsed(Recording(rank=0, dump=dump)) is None:
         raise UsageError(f"{path}: not a Flight Recorder dump (its entries are not torch's)")
     return dump
 
@@ -179,14 +179,13 @@ def plain(dump: dict) -> dict:
     return json.loads(json.dumps(dump, default=str))
 
 
-def readable(recording: Recording) -> bool:
-    """Whether entries() and groups() can read it: a dump of another layout is not used."""
+def parsed(recording: Recording) -> tuple[dict[str, Group], list[Entry]] | None:
+    """(groups(), entries()) of a dump, read once; None for a dump of another layout, which is
+    not used."""
     try:
-        entries(recording)
-        groups(recording)
-        return True
+        return groups(recording), entries(recording)
     except (TypeError, ValueError, KeyError, AttributeError, IndexError):
-        return False
+        return None
 
 
 def read_directory(directory: Path) -> list[Recording]:

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hangkit.flight_recorder.dumps import Entry, Group, entries, groups, readable
+from hangkit.flight_recorder.dumps import Entry, Group, parsed
 from hangkit.records import ProcessSnapshot, Recording, Role
 from hangkit.text import format_ranks
 
@@ -65,8 +65,8 @@ def merge(recordings: list[Recording], *, world: list[int] = ()) -> list[GroupVi
     """One view per group any rank recorded. `world`: the job's ranks, where known, so that a
     rank of the default group without any dump is missing even when no dump names it."""
     # A dump that cannot be read is left out, so its rank reads as missing, not as agreeing.
-    per_rank = {r.rank: (groups(r), _by_group(entries(r))) for r in recordings
-                if r.dump and readable(r)}
+    per_rank = {r.rank: (info[0], _by_group(info[1])) for r in recordings
+                if r.dump and (info := parsed(r)) is not None}
     names = sorted({g for info, _ in per_rank.values() for g in info},
                    key=lambda n: (len(n), n))
     views = []

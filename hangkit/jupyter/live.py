@@ -12,9 +12,8 @@ import logging
 import threading
 
 from hangkit.jupyter.dashboard import Dashboard
-from hangkit.jupyter.livestacks import look_at_engines
+from hangkit.jupyter.livestacks import look_at_engines, progressing
 from hangkit.monitor.stall import HANG_KINDS
-from hangkit.records import Activity
 from hangkit.text import ranks_phrase
 
 log = logging.getLogger(__name__)
@@ -73,8 +72,7 @@ class LiveDashboard:
             with contextlib.suppress(Exception):
                 report = look_at_engines(self.cluster, why=f"[{hangs[0].kind}] "
                                                            f"{hangs[0].summary}")
-                moving = [p for p in report.looks[-1].processes
-                          if p.activity == Activity.PROGRESSING and p.rank is not None]
+                moving = progressing(report)
                 note = f"captured on [{hangs[0].kind}] {hangs[0].summary}"
                 if moving:  # as watch would: not a hang while a rank progresses
                     note += (f"; but {ranks_phrase(p.rank for p in moving)} "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
-from hangkit.records import Diagnosis, HangReport, TreeNode
+from hangkit.records import Activity, Diagnosis, HangReport, TreeNode
 
 
 def engine_pids(cluster) -> list[int]:
@@ -43,6 +43,12 @@ def look_at_engines(cluster, *, why: str = "stacks captured from the notebook") 
                         processes=confirmation.snapshots, last_lines=[], context={},
                         detector="notebook", capture_seconds=look.capture_seconds,
                         ranks=ranks, events=monitor.active_events(), looks=[look])
+
+
+def progressing(report: HangReport, ranks=None) -> list:
+    """The ranks (of `ranks`, None: all) its look found progressing: not a hang while they do."""
+    return [p for p in report.looks[-1].processes if p.deciding and p.rank is not None
+            and p.activity == Activity.PROGRESSING and (ranks is None or p.rank in ranks)]
 
 
 def capture_engines(cluster) -> tuple[TreeNode | None, list[Diagnosis]]:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from hangkit.errors import UsageError, check_positive_seconds
-from hangkit.records import Activity, HangReport, StallEvent
+from hangkit.records import HangReport, StallEvent
 from hangkit.text import ranks_phrase
 
 DEFAULT_TIMEOUT = 600.0  # seconds a %%hk cell may run: --timeout
@@ -148,13 +148,11 @@ class CellRun:
 
     def _others_wait(self) -> bool:
         """A look at the engines still running: True when none of them is progressing."""
-        from hangkit.jupyter.livestacks import look_at_engines
+        from hangkit.jupyter.livestacks import look_at_engines, progressing
 
         report = look_at_engines(self.cluster, why="a %%hk cell: a rank raised")
         running = {r for r, s in self.tasks.states().items() if s == "running"}
-        look = report.looks[-1]
-        moving = [p for p in look.processes if p.deciding and p.rank in running
-                  and p.activity == Activity.PROGRESSING]
+        moving = progressing(report, running)
         if not moving:
             self.report = report
         return not moving

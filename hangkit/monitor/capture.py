@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import psutil
 
 from hangkit import deadline, pyspy
+from hangkit.agent.sidecar import RECORDING_SECONDS
 from hangkit.monitor.agentstacks import gather
 from hangkit.monitor.roles import FETCH_FILE, assign_roles
 from hangkit.procfs import blocked_syscall, kernel_state, read_environ, runs_python
@@ -34,7 +35,7 @@ from hangkit.records import (
 BUSY_CPU_PERCENT = 25.0
 STACK_SOURCES = {"agent": "its agent", "faulthandler": "a faulthandler dump"}
 # How long the ranks' agents have for their Flight Recorder dumps, asked while py-spy runs.
-RECORDING_TIMEOUT = 3.5
+RECORDING_TIMEOUT = RECORDING_SECONDS + 0.5  # the agents' own deadline, and their answer
 
 
 def capture_job(monitor, ranks: list[RankStatus], pids: list[int]

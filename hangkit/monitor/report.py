@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from hangkit.errors import UsageError
 from hangkit.files import private_directory, write_atomic
 from hangkit.flight_recorder.dumps import write_for_analyzer
 from hangkit.flight_recorder.rules import missing_reason
@@ -215,8 +216,6 @@ def write_report(report: HangReport, directory: Path) -> tuple[Path, Path]:
 def read_report(path: Path) -> tuple[Path, HangReport]:
     """A report written by `hangkit watch` or a `%%hk` cell: its directory or its JSON.
     UsageError naming the path when it is neither."""
-    from hangkit.errors import UsageError
-
     path = Path(path)
     if path.is_dir():
         path = path / JSON_NAME
