@@ -14,6 +14,7 @@ import os
 import socket
 
 _runner = None  # the StepRunner that setup() built on this engine
+CELL_ENDED = "hk_cell_ended"  # the published name of the number of the last cell done
 
 
 def info() -> dict:
@@ -72,7 +73,12 @@ def cell_started() -> None:
     progress(phase="cell")
 
 
-def cell_ended() -> None:
+def cell_ended(number: int) -> None:
+    """The cell `number` (the cluster's count) is done: published with the idle beat, so the
+    notebook can wait for the beat that came after it."""
+    from hangkit.agent import publish
+
+    publish(CELL_ENDED, number)
     _idle()
 
 

@@ -56,6 +56,7 @@ class RankTasks:
     def __init__(self, what: str, results: dict[int, Any]):
         self.what, self.results = what, results
         self.started = time.monotonic()
+        self.number: int | None = None  # of an execute()d cell: the engines publish it at its end
 
     def states(self) -> dict[int, str]:
         """rank -> "running", "done" or "raised"."""
@@ -142,6 +143,7 @@ class EngineCluster:
         self._live = None
         self.latest: RankTasks | None = None  # the task interrupt() watches
         self.cells: list = []  # the %%hk cells run on it (magic.CellRun), oldest first
+        self._executed = 0  # cells execute()d so far
         self._processes: list = []  # psutil.Process of all the cluster started
 
     # -- starting and stopping --------------------------------------------------------------
@@ -303,14 +305,18 @@ class EngineCluster:
         keeps them), on every engine or on `ranks`; returns at once. `%%hk` runs on this."""
         chosen = self.ranks if ranks is None else ranks
         # Each engine runs its requests in order: it reads "cell" while the code runs (so a
-        # rank stuck in it can be stalled, not idle), "idle" once it is done.
+        # rank stuck in it can be stalled, not idle), "idle" once it is done, and publishes
+        # the number of the cell it ended, so that "idle" after this cell is told apart from
+        # "idle" left over from the one before.
+        self._executed += 1
         for rank in chosen:
             self.client[rank].apply_async(engine.cell_started)
         tasks = RankTasks("%%hk", {rank: self.client[rank].execute(code, silent=False,
                                                                    block=False)
                                    for rank in chosen})
+        tasks.number = self._executed
         for rank in chosen:
-            self.client[rank].apply_async(engine.cell_ended)
+            self.client[rank].apply_async(engine.cell_ended, self._executed)
         return self._follow(tasks)
 
     def pull(self, name: str, ranks: list[int] | None = None, *,

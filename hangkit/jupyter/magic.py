@@ -38,7 +38,9 @@ DEFAULT_TIMEOUT = 600.0  # seconds a %%hk cell may run: --timeout
 POLL = 0.1  # seconds between looks at the engines' output and states
 LOOK_EVERY = 5.0  # seconds between looks at the others once a rank has raised
 OUTPUT_WAIT = 2.0  # seconds for the last output of ranks that are done
-SETTLE_WAIT = 3.0  # seconds for the ranks' last beats after a cell, for the dashboard
+# Seconds for the ranks' last beats after a cell, for the dashboard: a beat a second, late on a
+# loaded machine; only waited out in full when a rank's agent is gone.
+SETTLE_WAIT = 10.0
 _LOCATION = re.compile(r'(?:File "?([^",]+)"?, line (\d+)|File ([^\s:]+):(\d+)|'
                        r'Cell In\[\d+\], line (\d+))')
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -99,16 +101,21 @@ class CellRun:
         return self
 
     def _settle(self) -> None:
-        """The dashboard, where one is shown, as the cell left the ranks: once their agents
-        said they are idle again (or SETTLE_WAIT seconds passed), one last update."""
+        """The dashboard, where one is shown, as the cell left the ranks: once each rank's
+        agent sent the beat that says this cell ended (or SETTLE_WAIT seconds passed), one
+        last update. "idle" alone is not enough: a short cell can end before the monitor heard
+        of it, and the last cell's "idle" is still there."""
         if self.cluster.live is None:
             return
+        from hangkit.agent.engine import CELL_ENDED
+
         # A rank that raised is not waited for: its kernel may drop the requests queued after
         # an error (ipykernel's stop_on_error), the one that marks it idle among them.
         done = {r for r, state in self.tasks.states().items() if state == "done"}
         ends_at = time.monotonic() + SETTLE_WAIT
         while time.monotonic() < ends_at and any(
-                s.rank in done and s.phase != "idle" for s in self.cluster.monitor.statuses()):
+                s.rank in done and s.extra.get(CELL_ENDED) != self.tasks.number
+                for s in self.cluster.monitor.statuses()):
             time.sleep(POLL / 2)  # beats come from the engines' agents, polled to a deadline
         self.cluster.live.tick()
 
