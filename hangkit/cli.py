@@ -90,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: on)")
     w.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
 
+    rk = sub.add_parser("rank", help="run one rank of a job as its shim: the parent that "
+                        "binds its GPU, relays its node's beats and captures its processes",
+                        description="Run COMMAND as one rank, with this process as its "
+                        "parent: sets CUDA_VISIBLE_DEVICES from the local rank, and under "
+                        "hangkit watch relays the node's progress beats (the node's first "
+                        "shim starts the relay) and captures the rank and its DataLoader "
+                        "workers when asked. Put it between mpiexec and the training command: "
+                        "mpiexec ... hangkit rank -- python train.py. Exits with the rank's "
+                        "exit code (128+N when signal N ended it).")
+    rk.add_argument("--bind-gpu", action=argparse.BooleanOptionalAction, default=True,
+                    help="set CUDA_VISIBLE_DEVICES to the local rank (or the local rank-th of "
+                    "the devices it lists) before the rank starts (default: on)")
+    rk.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+
     doc = sub.add_parser("doctor", help="run every hang probe, each in a child with a deadline",
                          description="Run the hang probes (each in its own process with a "
                          "deadline, independent ones at once), on this process's environment "
@@ -208,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             return _watch(args)
         if args.command_name == "doctor":
             return _doctor(args)
+        if args.command_name == "rank":
+            from hangkit.shim.rank import run as run_rank
+
+            return run_rank(args.command[1:] if args.command[:1] == ["--"] else args.command,
+                            bind_gpu=args.bind_gpu)
         if args.command_name == "demo":
             return _demo(args)
         if args.command_name == "explain":

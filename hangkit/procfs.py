@@ -83,6 +83,11 @@ def kernel_state(pid: int) -> str | None:
     return text[text.rfind(")") + 2:][:1] or None
 
 
+def pid_alive(pid: int) -> bool:
+    """Running and not a zombie (an exited child its parent has not reaped yet)."""
+    return kernel_state(pid) not in (None, "Z", "X")
+
+
 def blocked_syscall(pid: int, tid: int | None = None) -> Syscall | None:
     """The syscall thread `tid` (default: the main thread) is blocked in, with what it waits on."""
     tid = tid or pid

@@ -36,7 +36,7 @@ ODD_WORDS = ["my run", "it's \"quoted\"", "$HOME", "a;b", "*", "", "tab\there", 
 
 def command_words(script: str) -> list[str]:
     """The training command's words as bash parses them from the script's last lines."""
-    tail = script.split("hangkit-rank \\\n", 1)[1]
+    tail = script.split("hangkit rank -- \\\n", 1)[1]
     done = subprocess.run(["bash", "-c", "printf '%s\\0' " + tail], capture_output=True,
                           text=True, timeout=30, cwd=PROGRAMS)  # a `*` would glob here
     assert done.returncode == 0, done.stderr

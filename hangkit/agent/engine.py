@@ -29,9 +29,11 @@ def info() -> dict:
 def start_agent(address: str, key: str) -> bool:
     """Starts this engine's agent and reports it idle, so the monitor sees it at once."""
     from hangkit.agent import start_agent as start
+    from hangkit.shim import RELAY_VARIABLE
 
     os.environ["HANGKIT_MONITOR"], os.environ["HANGKIT_MONITOR_KEY"] = address, key
-    started = start(address, key) is not None
+    # An engine under `hangkit rank` reports through its node's relay.
+    started = start(os.environ.get(RELAY_VARIABLE) or address, key) is not None
     _idle()
     return started
 

@@ -24,6 +24,7 @@ from hangkit.agent.threadstacks import FaultDump, current_stacks
 from hangkit.errors import UsageError
 from hangkit.rankenv import rank_from_environ, world_size_from_environ
 from hangkit.records import Beat, CollectiveState
+from hangkit.shim import RELAY_VARIABLE
 from hangkit.transport import Signer, Verifier, monitor_from_environ
 
 log = logging.getLogger(__name__)
@@ -204,8 +205,9 @@ def _plain(value):
 
 def start_agent(address: str | None = None, key: str | None = None, *, rank: int | None = None,
                 world_size: int | None = None) -> Agent | None:
-    """Starts this process's agent (once). Address and key default to the environment's;
-    returns None when neither is given. Reporting never blocks or raises into training."""
+    """Starts this process's agent (once). Address and key default to the environment's (the
+    node relay's endpoint where a shim set one); returns None when neither is given. Reporting
+    never blocks or raises into training."""
     global _agent
     with _lock:
         if _agent is not None:
@@ -214,7 +216,9 @@ def start_agent(address: str | None = None, key: str | None = None, *, rank: int
             found = monitor_from_environ()
             if found is None:
                 return None
-            address, key = address or found[0], key or found[1]
+            # Under `hangkit rank`, beats go to the node's relay, which batches them.
+            address = address or os.environ.get(RELAY_VARIABLE) or found[0]
+            key = key or found[1]
         try:
             _agent = Agent(address, key, rank=rank, world_size=world_size).start()
         except Exception as e:  # zmq.ZMQError: an address zmq cannot parse

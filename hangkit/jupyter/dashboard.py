@@ -50,6 +50,7 @@ BAR_STYLES = {
     RankState.FINISHED: "info",
     RankState.WAITING: "warning", RankState.SLOW: "warning",
     RankState.STALLED: "danger", RankState.DEAD: "danger", RankState.ERRORED: "danger",
+    RankState.SILENT: "danger", RankState.UNREACHABLE: "",
 }
 
 _EVENTS_KEPT = 200

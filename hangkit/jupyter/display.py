@@ -33,6 +33,8 @@ STATE_COLOURS = {
     RankState.WAITING: "#f9a825",  # amber: stopped inside a collective, waiting for its peers
     RankState.SLOW: "#ef6c00",  # orange: a straggler
     RankState.STALLED: "#c62828",  # red: stopped outside any collective, where hangs start
+    RankState.SILENT: "#ad1457",  # crimson: no beat, its process alive (a GIL-held C call?)
+    RankState.UNREACHABLE: "#9e9e9e",  # grey: its node's relay went silent, state unknown
     RankState.DEAD: "#424242",  # near black
     RankState.ERRORED: "#6a1b9a",  # purple
     RankState.FINISHED: "#1565c0",  # blue

@@ -17,7 +17,7 @@ import signal
 import time
 
 from hangkit.jupyter.livestacks import capture_engines, innermost
-from hangkit.monitor.server import pid_alive
+from hangkit.procfs import pid_alive
 from hangkit.text import ranks_phrase
 
 log = logging.getLogger(__name__)

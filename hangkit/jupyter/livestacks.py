@@ -42,7 +42,8 @@ def look_at_engines(cluster, *, why: str = "stacks captured from the notebook") 
     return build_report(reason=why, command=[], idle_seconds=0.0,
                         processes=confirmation.snapshots, last_lines=[], context={},
                         detector="notebook", capture_seconds=look.capture_seconds,
-                        ranks=ranks, events=monitor.active_events(), looks=[look])
+                        ranks=ranks, events=monitor.active_events(), looks=[look],
+                        nodes=confirmation.nodes)
 
 
 def progressing(report: HangReport, ranks=None) -> list:

@@ -10,19 +10,21 @@ costs about as long as the slowest dump, not their sum.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 
 from hangkit import deadline, pyspy
 from hangkit.agent.sidecar import RECORDING_SECONDS
 from hangkit.monitor.agentstacks import gather
-from hangkit.monitor.roles import FETCH_FILE, assign_roles
+from hangkit.monitor.roles import FETCH_FILE, assign_roles, is_launcher
 from hangkit.procfs import blocked_syscall, kernel_state, read_environ, runs_python
 from hangkit.rankenv import rank_from_environ
 from hangkit.records import (
+    NodeReport,
     ProcessSnapshot,
     ProcessState,
     RankStatus,
@@ -36,14 +38,35 @@ BUSY_CPU_PERCENT = 25.0
 STACK_SOURCES = {"agent": "its agent", "faulthandler": "a faulthandler dump"}
 # How long the ranks' agents have for their Flight Recorder dumps, asked while py-spy runs.
 RECORDING_TIMEOUT = RECORDING_SECONDS + 0.5  # the agents' own deadline, and their answer
+# How long a node has to capture itself: its agents' stacks, then its shims' py-spy and its
+# agents' dumps at once (RECORDING_TIMEOUT), and the way back.
+NODE_TIMEOUT = RECORDING_TIMEOUT + 2.5
 
 
-def capture_job(monitor, ranks: list[RankStatus], pids: list[int]
-                ) -> list[ProcessSnapshot]:
-    """Every process of the job: ranks' stacks from their agents where they answer (and from
-    faulthandler where the GIL is held), everything else from py-spy. Ranks on other nodes
-    come only from their agents."""
-    live = [r.key for r in ranks if not r.status.ended]
+@dataclass
+class JobCapture:
+    """One capture of a job: every process found, and, for ranks under `hangkit rank`, how
+    each node's relay answered."""
+
+    snapshots: list[ProcessSnapshot]
+    nodes: list[NodeReport] = field(default_factory=list)
+
+
+def capture_job(monitor, ranks: list[RankStatus], pids: list[int]) -> JobCapture:
+    """Every process of the job. Nodes whose ranks run under `hangkit rank` capture
+    themselves, each through its relay, all at once: their shims see their ranks and workers
+    as ancestors do. Ranks that report straight to the monitor give their stacks through their
+    agents (and faulthandler where the GIL is held); everything else local comes from py-spy.
+    Ranks on other nodes without a relay come only from their agents."""
+    nodes = monitor.nodes()
+    now = monitor.clock()
+    heard = heard_nodes(monitor, nodes)
+    asked_nodes = deadline.start(
+        lambda: monitor.ask_nodes("capture", [n.host for n in heard], timeout=NODE_TIMEOUT),
+        timeout=NODE_TIMEOUT + 1.0, name="node captures") if heard else None
+    covered = under_shims(monitor, heard)
+    relayed = {n.host for n in nodes}
+    live = [r.key for r in ranks if not r.status.ended and r.host not in relayed]
     found = gather(monitor, live)
     # Only agents that answered are asked: one whose main thread holds the GIL never will.
     answering = [k for k, a in found.items() if a.source == "agent"]
@@ -51,30 +74,116 @@ def capture_job(monitor, ranks: list[RankStatus], pids: list[int]
         lambda: monitor.request_recordings(answering, timeout=RECORDING_TIMEOUT),
         timeout=RECORDING_TIMEOUT + 1.0, name="flight recorder dumps") if answering else None
     local = {a.pid: (a.threads, a.source) for a in found.values() if a.host == monitor.host}
-    snapshots = capture(pids, known=local)
+    snapshots = capture([p for p in pids if p not in covered], known=local)
     ranks_by_pid = {r.pid: r.rank for r in ranks if r.host == monitor.host}
     for s in snapshots:
+        s.host = monitor.host
         if s.rank is None:  # e.g. a rank already gone: its environment is unreadable
             s.rank = ranks_by_pid.get(s.pid)
     for a in found.values():
         if a.host != monitor.host:
             snapshots.append(ProcessSnapshot(
                 pid=a.pid, ppid=None, rank=a.rank, role=Role.RANK, cmdline=[],
-                state=ProcessState.REMOTE,
+                state=ProcessState.REMOTE, host=a.host,
                 threads=a.threads, stacks_from=a.source,
                 note=f"on {a.host}: stacks from {STACK_SOURCES[a.source]}"))
     try:
         recordings = asked.result() if asked is not None else {}
     except deadline.DeadlineExceeded:  # cannot happen but for a monitor that has stopped
         recordings = {}
+    _attach_recordings(snapshots, recordings, answering)
+    replies = _result(asked_nodes)
+    reports = []
+    for node in nodes:
+        reply = replies.get(node.host)
+        if reply is None:
+            reports.append(_unanswered(node, now, snapshots))
+        else:
+            reports.append(_from_node(node, reply, snapshots))
+    return JobCapture(snapshots, reports)
+
+
+def heard_nodes(monitor, nodes=None) -> list:
+    """The nodes whose relays were heard from lately: those asked to sample and capture
+    themselves (a silent one is named, not waited for)."""
+    now = monitor.clock()
+    return [n for n in (monitor.nodes() if nodes is None else nodes)
+            if now - n.last_heard < monitor.detector.config.dead_after]
+
+
+def under_shims(monitor, heard: list) -> set[int]:
+    """The processes of this host that its own relay samples and captures: every process
+    below its shims (the shims themselves are the job's launchers, captured here)."""
+    node = next((n for n in heard if n.host == monitor.host), None)
+    if node is None:
+        return set()
+    out = set()
+    for shim in node.shims.values():
+        with contextlib.suppress(psutil.Error, TypeError, ValueError):
+            proc = psutil.Process(int(shim.get("shim_pid")))
+            out.update(c.pid for c in proc.children(recursive=True))
+    return out
+
+
+def _attach_recordings(snapshots: list[ProcessSnapshot], recordings: dict, asked: list[str],
+                       host: str | None = None) -> None:
+    """Each rank's Flight Recorder dump, or why it has none, on its snapshot."""
     for s in snapshots:
         key = f"rank {s.rank}"
-        if s.role != Role.RANK or s.rank is None or key not in answering:
+        if s.role != Role.RANK or s.rank is None or key not in asked or \
+                (host is not None and s.host != host):
             continue
         dump, error = recordings.get(key, (None, "its agent did not send its dump within "
                                                  f"{RECORDING_TIMEOUT:g} s"))
         s.recording = Recording(rank=s.rank, dump=dump or {}, error=None if dump else error)
-    return snapshots
+
+
+def _from_node(node, reply: dict, snapshots: list[ProcessSnapshot]) -> NodeReport:
+    """A node's capture, added to `snapshots`: its processes, their dumps, and a placeholder
+    for each rank whose shim did not answer."""
+    mine = [ProcessSnapshot.from_json(d) for d in reply.get("snapshots") or ()]
+    for s in mine:
+        s.host = node.host
+    recordings = {k: tuple(v) for k, v in (reply.get("recordings") or {}).items()}
+    _attach_recordings(mine, recordings, reply.get("asked_recordings") or [], node.host)
+    missing = [k for k in reply.get("missing") or () if k in node.shims]
+    for key in missing:
+        mine.append(_placeholder(node, node.shims[key], "its shim did not answer in time"))
+    snapshots += mine
+    note = f"no answer from the shims of {', '.join(missing)}" if missing else None
+    return NodeReport(node.host, node.ranks(), node.relay_pid, answered=True,
+                      seconds=reply.get("seconds"), processes=len(mine), note=note)
+
+
+def _unanswered(node, now: float, snapshots: list[ProcessSnapshot]) -> NodeReport:
+    """A node whose relay did not answer: its ranks are named, with why, never dropped."""
+    age = now - node.last_heard
+    note = (f"did not answer within {NODE_TIMEOUT:g} s; its relay (pid {node.relay_pid}) was "
+            f"last heard {age:.0f} s ago" + (": it is gone or its node is down"
+                                             if age >= NODE_TIMEOUT else ""))
+    for shim in node.shims.values():
+        if shim.get("alive"):
+            snapshots.append(_placeholder(node, shim, f"its node {node.host} {note}"))
+    return NodeReport(node.host, node.ranks(), node.relay_pid, answered=False, note=note)
+
+
+def _placeholder(node, shim: dict, why: str) -> ProcessSnapshot:
+    rank = shim.get("rank")
+    s = ProcessSnapshot(pid=int(shim.get("pid") or 0), ppid=shim.get("shim_pid"), rank=rank,
+                        role=Role.RANK, cmdline=[], state=ProcessState.REMOTE, host=node.host,
+                        note=f"not captured: {why}")
+    if rank is not None:
+        s.recording = Recording(rank=rank, error=f"not captured: {why}")
+    return s
+
+
+def _result(started) -> dict:
+    if started is None:
+        return {}
+    try:
+        return started.result()
+    except deadline.DeadlineExceeded:
+        return {}
 
 
 @dataclass
@@ -187,7 +296,12 @@ def _finish_cpu(p: _Pending, wall: float) -> None:
 
 
 def _wants_stacks(snapshot: ProcessSnapshot, proc: psutil.Process) -> bool:
-    """py-spy only on processes that run Python: mpiexec or a shell has no Python stack."""
+    """py-spy only on processes that run Python: mpiexec or a shell has no Python stack; and
+    not on launchers (torchrun, hangkit's own shims and relays): they wait for their children,
+    which is all their stacks would say."""
+    if is_launcher(snapshot.cmdline):
+        snapshot.stack_error = "a launcher: its children's stacks are what matters"
+        return False
     if runs_python(snapshot.pid, snapshot.cmdline):
         return True
     snapshot.stack_error = "not a Python process"

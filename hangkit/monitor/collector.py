@@ -30,6 +30,9 @@ class Track:
     intervals: deque = field(default_factory=lambda: deque(maxlen=INTERVALS))  # between them
     gone: bool = False  # its process is known to have exited without saying goodbye
     history: deque = field(default_factory=lambda: deque(maxlen=64))  # (t, step, coll_seconds)
+    relayed: bool = False  # its beats come through its node's relay
+    alive: bool | None = None  # what its shim last said of its process (None: no shim)
+    exit: str | None = None  # how its process ended, as its shim saw it: "exited with code 1"
 
     @property
     def rank(self) -> int | None:
@@ -47,15 +50,95 @@ class Track:
         return steps / (t1 - t0), max((t1 - t0) - (c1 - c0), 0.0) / steps
 
 
+@dataclass
+class Node:
+    """A node whose relay reports (hangkit rank): its batches, and the shims of its ranks."""
+
+    host: str
+    identity: bytes  # where requests for the node, and for its ranks, go
+    relay_pid: int | None
+    last_heard: float
+    shims: dict[str, dict] = field(default_factory=dict)  # rank key: the relay's shim record
+    batches: int = 0
+
+    def ranks(self) -> list[int]:
+        return sorted(s["rank"] for s in self.shims.values() if isinstance(s.get("rank"), int))
+
+
 def key_of(beat: Beat) -> str:
     return f"rank {beat.rank}" if beat.rank is not None else f"pid {beat.pid}"
+
+
+def exit_text(code: int | None, signum: int | None) -> str:
+    """'exited with code 1', 'was killed by signal 9 (SIGKILL)'."""
+    if signum:
+        import signal
+
+        try:
+            name = f" ({signal.Signals(signum).name})"
+        except ValueError:
+            name = ""
+        return f"was killed by signal {signum}{name}"
+    return f"exited with code {code}"
 
 
 class Collector:
     def __init__(self):
         self.tracks: dict[str, Track] = {}
+        self.nodes: dict[str, Node] = {}
         self.world_size: int | None = None
         self.beats = 0
+
+    def ingest_batch(self, message: dict, now: float, identity: bytes = b"") -> Node | None:
+        """A verified batch from a node's relay: its ranks' beats, and its shims."""
+        host = message.get("host")
+        if not isinstance(host, str):
+            return None
+        node = self.nodes.get(host)
+        if node is None or node.identity != identity:
+            node = self.nodes[host] = Node(host, identity, message.get("relay_pid"), now)
+        node.last_heard, node.relay_pid = now, message.get("relay_pid")
+        node.batches += 1
+        for beat in message.get("beats") or ():
+            track = self.ingest(beat, now, identity)
+            if track is not None:
+                track.relayed = True
+        node.shims = {}
+        for shim in message.get("shims") or ():
+            key = f"rank {shim.get('rank')}" if shim.get("rank") is not None \
+                else f"pid {shim.get('pid')}"
+            node.shims[key] = shim
+            track = self.tracks.get(key)
+            if track is not None and track.beat.host == host:
+                track.alive = bool(shim.get("alive"))
+                ended = shim.get("exit")
+                if ended and not track.finished:
+                    self._ended(track, ended.get("code"), ended.get("signal"))
+        return node
+
+    def note_exit(self, message: dict, now: float) -> Track:
+        """A rank's exit, reported by its shim the moment it happened. A rank that never beat
+        (no agent) gets a track here, so that its death is known."""
+        beat = Beat(pid=int(message.get("pid") or 0), host=str(message.get("host") or "?"),
+                    rank=message.get("rank"))
+        key = key_of(beat)
+        track = self.tracks.get(key)
+        if track is None:
+            track = self.tracks[key] = Track(key, beat, b"", now, now, relayed=True)
+        if not track.finished:
+            self._ended(track, message.get("code"), message.get("signal"))
+        return track
+
+    def _ended(self, track: Track, code, signum) -> None:
+        track.alive, track.exit = False, exit_text(code, signum)
+        if code == 0 and not signum:  # a rank without an agent's goodbye that ended well
+            track.finished = True
+        else:
+            track.gone = True
+
+    def silent_nodes(self, now: float, after: float) -> list[Node]:
+        """The nodes whose relay has not been heard from for `after` seconds."""
+        return [n for n in self.nodes.values() if now - n.last_heard >= after]
 
     def ingest(self, message: dict, now: float, identity: bytes = b"") -> Track | None:
         """A verified beat or goodbye. Returns the rank's track."""
@@ -110,6 +193,7 @@ class Collector:
                  slow_score: float) -> list[RankStatus]:
         measured = {k: t.rate_and_work() for k, t in self.tracks.items()}
         scores = self.straggler_scores(measured)
+        unheard = {n.host for n in self.silent_nodes(now, dead_after)}
         out = []
         for track in sorted(self.tracks.values(), key=_order):
             beat = track.beat
@@ -122,13 +206,15 @@ class Collector:
             out.append(RankStatus(
                 key=track.key, rank=beat.rank, pid=beat.pid, host=beat.host,
                 status=_status(track, now, beat_age, since, scores.get(track.key),
-                               stall_after, dead_after, slow_score),
+                               stall_after, dead_after, slow_score,
+                               unheard=track.relayed and track.beat.host in unheard),
                 step=beat.step, phase=beat.phase,
                 phase_seconds=round(beat.phase_seconds + beat_age, 3),
                 since_progress=round(since, 3), beat_age=round(beat_age, 3),
                 step_rate=_round(measured[track.key][0]), collective=collective,
                 straggler_score=_round(scores.get(track.key)), fields=dict(beat.fields),
-                error=beat.error, workers=list(beat.workers), extra=dict(beat.extra)))
+                error=beat.error, workers=list(beat.workers), extra=dict(beat.extra),
+                exit=track.exit))
         return out
 
     def straggler_scores(self, measured: dict[str, tuple]) -> dict[str, float]:
@@ -169,11 +255,17 @@ IDLE_PHASE = "idle"
 
 
 def _status(track: Track, now: float, beat_age: float, since: float, score: float | None,
-            stall_after: float, dead_after: float, slow_score: float) -> RankState:
+            stall_after: float, dead_after: float, slow_score: float, *,
+            unheard: bool = False) -> RankState:
     if track.finished:
         return RankState.ERRORED if track.beat.error else RankState.FINISHED
-    if track.gone or beat_age >= dead_after:
+    if track.gone:
         return RankState.DEAD
+    if beat_age >= dead_after:
+        # No beats: a dead process, unless its shim says it lives, or nobody can say.
+        if unheard:
+            return RankState.UNREACHABLE
+        return RankState.SILENT if track.alive else RankState.DEAD
     if track.beat.phase == IDLE_PHASE:
         return RankState.IDLE
     if since >= stall_after:

@@ -22,13 +22,14 @@ rank is progressing, is the picture the report, the tree and the diagnosis come 
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from hangkit import pyspy
-from hangkit.monitor.capture import capture_job
+from hangkit import deadline, pyspy
+from hangkit.monitor.capture import capture_job, heard_nodes, under_shims
 from hangkit.monitor.collectives import collective_of
 from hangkit.monitor.stacks import (
     bare_name,
@@ -42,6 +43,7 @@ from hangkit.procfs import runs_python
 from hangkit.records import (
     Activity,
     Look,
+    NodeReport,
     ProcessLook,
     ProcessSnapshot,
     ProcessState,
@@ -56,6 +58,7 @@ SAMPLE_TIMEOUT = 2.0  # seconds one round of samples may take (py-spy on a loade
 AGENT_TIMEOUT = 0.5  # seconds the ranks' agents have to answer one sample
 
 Signature = tuple[tuple[str, str, int | None], ...]
+Who = tuple[str, int]  # (host, pid): pids are per node
 
 
 def signature(thread: ThreadStack | None) -> Signature | None:
@@ -93,8 +96,9 @@ class Confirmation:
     """The looks at one silence (or stall), and the stacks they have seen, per process."""
 
     looks: list[Look] = field(default_factory=list)
-    seen: dict[int | str, list[Signature]] = field(default_factory=lambda: defaultdict(list))
+    seen: dict[Who, list[Signature]] = field(default_factory=lambda: defaultdict(list))
     snapshots: list[ProcessSnapshot] = field(default_factory=list)  # the latest capture
+    nodes: list[NodeReport] = field(default_factory=list)  # how its nodes answered it
     progressing: list[ProcessLook] = field(default_factory=list)  # the latest look's
 
     @property
@@ -108,26 +112,29 @@ class Confirmation:
         """Samples every Python process, captures them, classes each; returns the look (also
         kept in .looks, its capture in .snapshots)."""
         started, cpu_before = time.monotonic(), _cpu_seconds()
-        sampled: dict[int | str, list[Signature]] = defaultdict(list)
-        latest: dict[int | str, ThreadStack] = {}
-        python = [pid for pid in pids if runs_python(pid)]
-        agents = {r.key: r for r in ranks if not r.status.ended}
+        sampled: dict[Who, list[Signature]] = defaultdict(list)
+        latest: dict[Who, ThreadStack] = {}
+        heard = heard_nodes(monitor)
+        nodes, covered = [n.host for n in heard], under_shims(monitor, heard)
+        python = [pid for pid in pids if pid not in covered and runs_python(pid)]
+        agents = {r.key: r for r in ranks if not r.status.ended and r.host not in nodes}
         for i in range(samples):
             if i:
                 time.sleep(gap)  # the samples must be spread to see a stack change
-            for who, thread in _sample(monitor, agents, python).items():
+            for who, thread in _sample(monitor, agents, python, nodes).items():
                 sig = signature(thread)
                 if sig is not None:
                     sampled[who].append(sig)
                     latest[who] = thread
         captured = time.monotonic()
-        self.snapshots = capture_job(monitor, ranks, pids)
+        job = capture_job(monitor, ranks, pids)
+        self.snapshots, self.nodes = job.snapshots, job.nodes
         capture_seconds = time.monotonic() - captured
         processes = []
         for s in self.snapshots:
             if s.role == Role.LAUNCHER or (not s.threads and s.state != ProcessState.EXITED):
                 continue  # no Python to judge (a shell, mpiexec), or nothing read
-            who = s.pid if s.state != ProcessState.REMOTE else f"rank {s.rank}"
+            who = (s.host or monitor.host, s.pid)
             final = signature(s.main_thread)
             mine = sampled.get(who, []) + ([final] if final is not None else [])
             activity = classify(self.seen[who], mine, busy=s.state == ProcessState.BUSY,
@@ -150,28 +157,41 @@ class Confirmation:
         return look
 
 
-def _sample(monitor, agents: dict[str, RankStatus], pids: list[int]
-            ) -> dict[int | str, ThreadStack]:
-    """One stack sample of each process: main threads, keyed by pid (or "rank N" for a rank on
-    another node). The ranks' agents answer for their processes; py-spy, all at once and
-    without native frames (cheaper, and enough to see a stack move), for the rest. An agent
-    that does not answer (its main thread holds the GIL) is not asked again in this look."""
+def _sample(monitor, agents: dict[str, RankStatus], pids: list[int], nodes: list[str]
+            ) -> dict[Who, ThreadStack]:
+    """One stack sample of each process: main threads, keyed by (host, pid). Nodes with a
+    relay sample themselves (their agents, and py-spy by the shims for the rest); ranks that
+    report straight here answer through their agents; py-spy, all at once and without native
+    frames (cheaper, and enough to see a stack move), samples the rest of this host's. An
+    agent that does not answer (its main thread holds the GIL) is not asked again in this
+    look."""
+    asked = deadline.start(lambda: monitor.ask_nodes("sample", nodes, timeout=SAMPLE_TIMEOUT),
+                           timeout=SAMPLE_TIMEOUT + 1.0, name="node samples") if nodes else None
     answered = monitor.request_stacks(list(agents), timeout=AGENT_TIMEOUT) if agents else {}
-    out: dict[int | str, ThreadStack] = {}
+    out: dict[Who, ThreadStack] = {}
     for key in [k for k in agents if k not in answered]:
         del agents[key]
     for key, threads in answered.items():
         r = agents[key]
         main = next((t for t in threads if t.is_main), threads[0] if threads else None)
         if main is not None:
-            out[r.pid if r.host == monitor.host else key] = main
-    dumps = [(pid, pyspy.start_dump(pid, native=False)) for pid in pids if pid not in out]
+            out[(r.host, r.pid)] = main
+    dumps = [(pid, pyspy.start_dump(pid, native=False)) for pid in pids
+             if (monitor.host, pid) not in out]
     ends_at = time.monotonic() + SAMPLE_TIMEOUT
     for pid, proc in dumps:
         result = pyspy.finish_dump(proc, pid, timeout=max(ends_at - time.monotonic(), 0.1))
         main = next((t for t in result.threads if t.is_main), None)
         if main is not None:
-            out[pid] = main
+            out[(monitor.host, pid)] = main
+    try:
+        replies = asked.result() if asked is not None else {}
+    except deadline.DeadlineExceeded:
+        replies = {}
+    for host, reply in replies.items():
+        for sample in reply.get("samples") or ():
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                out[(host, int(sample["pid"]))] = ThreadStack.from_json(sample["thread"])
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 from pathlib import Path
 
 from hangkit.errors import UsageError
@@ -17,6 +18,7 @@ from hangkit.monitor.stacks import frame_text
 from hangkit.records import (
     HangReport,
     Look,
+    NodeReport,
     ProcessSnapshot,
     RankStatus,
     Role,
@@ -35,12 +37,15 @@ def build_report(*, reason: str, command: list[str], idle_seconds: float,
                  processes: list[ProcessSnapshot], last_lines: list[str], context: dict,
                  detector: str = "output", started_at: float | None = None,
                  capture_seconds: float | None = None, ranks: list[RankStatus] = (),
-                 events: list[StallEvent] = (), looks: list[Look] = ()) -> HangReport:
+                 events: list[StallEvent] = (), looks: list[Look] = (),
+                 nodes: list[NodeReport] = ()) -> HangReport:
     """The report of one capture. The snapshots given are not changed: the report holds
     copies with their command lines redacted."""
     processes = [dataclasses.replace(p, cmdline=redact_argv(p.cmdline)) for p in processes]
     context = dict(context)
-    context["ranks_on_this_node"] = sum(1 for p in processes if p.role == Role.RANK)
+    here = socket.gethostname()  # a report is built where its monitor runs
+    context["ranks_on_this_node"] = sum(1 for p in processes if p.role == Role.RANK
+                                        and p.host in (None, here))
     return HangReport(
         hang=True, reason=reason, command=redact_argv(list(command)),
         idle_seconds=round(idle_seconds, 1), detector=detector,
@@ -49,7 +54,7 @@ def build_report(*, reason: str, command: list[str], idle_seconds: float,
         processes=processes, groups=groups(processes), tree=merged_tree(processes),
         diagnosis=diagnose(processes, list(events), list(looks)),
         last_lines=[redact_text(line) for line in last_lines], context=context,
-        ranks=list(ranks), events=list(events), looks=list(looks))
+        ranks=list(ranks), events=list(events), looks=list(looks), nodes=list(nodes))
 
 
 def render_summary(report: HangReport) -> list[str]:
@@ -62,6 +67,9 @@ def render_summary(report: HangReport) -> list[str]:
     if report.capture_seconds:
         captured += f" in {report.capture_seconds:.1f} s"
     lines.append(f"hangkit: captured {captured}")
+    if report.nodes:
+        lines += ["", "Nodes (each captured by its relay):"] + [
+            "  " + n.describe() for n in report.nodes]
     if report.groups:
         lines.append("")
         lines.append("Where the ranks are:")
@@ -148,6 +156,8 @@ def render_markdown(report: HangReport) -> str:
         out += ["## Diagnosis", ""]
         for d in report.diagnosis:
             out += [f"### {d.kind}", "", d.summary, "", f"**Advice:** {d.advice}", ""]
+    if report.nodes:
+        out += ["## Nodes", ""] + [f"- {n.describe()}" for n in report.nodes] + [""]
     if report.groups:
         out += ["## Where the ranks are", ""]
         out += [f"- **{who(g.ranks, g.pids)}**: {g.location}" for g in report.groups]
@@ -176,7 +186,8 @@ def render_markdown(report: HangReport) -> str:
 
 
 def _process_markdown(p: ProcessSnapshot) -> list[str]:
-    head = f"### pid {p.pid}: {p.role}" + (f", rank {p.rank}" if p.rank is not None else "")
+    head = f"### pid {p.pid}: {p.role}" + (f", rank {p.rank}" if p.rank is not None else "") \
+        + (f", on {p.host}" if p.host else "")
     facts = [f"state {p.state}"]
     if p.cpu_percent is not None:
         facts.append(f"{p.cpu_percent:.0f}% CPU")

@@ -6,11 +6,13 @@ import os
 
 from hangkit.monitor.stacks import bare_name
 from hangkit.records import ProcessSnapshot, Role
+from hangkit.shim import is_helper
 
 # mpiexec and its helpers, schedulers' launchers, and the shells and wrappers between them.
 LAUNCHER_NAMES = frozenset({
     "mpiexec", "mpirun", "mpiexec.hydra", "mpiexec.gforker", "hydra_pmi_proxy",
     "hydra_bstrap_proxy", "srun", "aprun", "palsd", "pals_launcher", "orted", "prted", "prterun",
+    "ssh", "rsh",  # how hydra reaches other nodes
     "torchrun", "bash", "sh", "dash", "zsh", "ksh", "tcsh", "csh", "env", "timeout", "stdbuf",
     "nohup", "time", "numactl", "taskset", "setsid",
 })
@@ -23,7 +25,7 @@ FETCH_FILE = "torch/utils/data/_utils/fetch.py"
 def is_launcher(cmdline: list[str]) -> bool:
     if not cmdline:
         return False
-    if os.path.basename(cmdline[0]) in LAUNCHER_NAMES:
+    if os.path.basename(cmdline[0]) in LAUNCHER_NAMES or is_helper(cmdline):
         return True
     if os.path.basename(cmdline[0]).startswith("python"):
         rest = " ".join(cmdline[1:3])
@@ -46,7 +48,9 @@ def assign_roles(snapshots: list[ProcessSnapshot], ranks: dict[int, int | None])
     the python under it is rank 2, and processes below that (DataLoader workers, subprocesses)
     inherit the variable but are not the rank. A Python wrapper that runs mpiexec (no rank of its
     own, ranks below it) counts as a launcher. A job with no rank variables at all (a plain
-    `python train.py`) has its topmost non-launcher processes as its ranks, with rank None.
+    `python train.py`) has its topmost non-launcher processes as its ranks, with rank None; in
+    a job with rank variables, a process without one directly under a launcher (an ssh to
+    another node) is no rank.
     """
     by_pid = {s.pid: s for s in snapshots}
     children: dict[int | None, list[ProcessSnapshot]] = {}
@@ -74,6 +78,8 @@ def assign_roles(snapshots: list[ProcessSnapshot], ranks: dict[int, int | None])
         s.rank = ranks.get(s.pid)
         if is_launcher(s.cmdline):
             s.role = Role.LAUNCHER
+    # Where ranks carry their numbers, a process without one is a helper, never a rank.
+    numbered = any(r is not None for r in ranks.values())
     # Parents before children, so an inherited rank is known when a child is looked at.
     for s in sorted(snapshots, key=lambda s: sum(1 for _ in ancestors(s))):
         if s.role == Role.LAUNCHER:
@@ -83,7 +89,7 @@ def assign_roles(snapshots: list[ProcessSnapshot], ranks: dict[int, int | None])
             s.role = Role.RANK
         elif s.rank is None and any(d.rank is not None for d in descendants(s)):
             s.role = Role.LAUNCHER
-        elif s.rank is None and not upper:
+        elif s.rank is None and not upper and not numbered:
             s.role = Role.RANK
         else:
             s.role = Role.DATALOADER_WORKER if is_dataloader_worker(s) else Role.OTHER

@@ -18,12 +18,12 @@ import socket
 import threading
 import time
 
-import psutil
 import zmq
 
 from hangkit.errors import UsageError
-from hangkit.monitor.collector import Collector
+from hangkit.monitor.collector import Collector, Node
 from hangkit.monitor.stall import StallConfig, StallDetector
+from hangkit.procfs import pid_alive
 from hangkit.records import Activity, Look, RankStatus, Role, StallEvent, ThreadStack
 from hangkit.transport import MONITOR_ADDRESS, MONITOR_KEY, Signer, Verifier, new_key
 
@@ -34,6 +34,8 @@ BATCH_SECONDS = 0.02  # at most this much added to a beat's way into the state
 DETECTION_BUDGET = 0.01  # share of a core that paced stall detection may use
 MAX_DETECTION_INTERVAL = 1.0  # so a stall is reported at most this late
 LIVENESS_SECONDS = 1.0  # how often local ranks' processes are checked for having exited
+# What relays answer to requests for their whole node (ask_nodes).
+NODE_REPLIES = ("sample", "capture", "signal", "end")
 
 
 class Monitor:
@@ -72,7 +74,8 @@ class Monitor:
         self._wake_out.connect(self._wake_addr)
         self._wake_lock = threading.Lock()
         self._pending: list[tuple[int, list[bytes], list[bytes]]] = []
-        self._replies: dict[int, dict] = {}  # request id: {rank key: its answer}
+        self._replies: dict[int, dict] = {}  # request id: {rank key (or host): its answer}
+        self._settled: dict[int, set] = {}  # request id: keys answered or given up
         self._replied = threading.Condition(self.lock)
         self._request_ids = itertools.count(1)
         self._stop = threading.Event()
@@ -135,27 +138,58 @@ class Monitor:
         that answered in time, (the dump in torch's format, None) or (None, why none)."""
         return self._ask("recording", keys, timeout)
 
-    def _ask(self, kind: str, keys: list[str], timeout: float) -> dict:
+    def nodes(self) -> list[Node]:
+        """The nodes whose relays report here (ranks run under `hangkit rank`), as of now."""
         with self.lock:
-            targets = [(k, self.collector.tracks[k].identity) for k in keys
-                       if k in self.collector.tracks]
+            return [dataclasses.replace(n, shims=dict(n.shims))
+                    for n in self.collector.nodes.values()]
+
+    def ask_nodes(self, kind: str, hosts: list[str], *, timeout: float, **payload
+                  ) -> dict[str, dict]:
+        """Asks the relays of these nodes `kind` ("sample", "capture", "signal", "end") and
+        returns the replies of those that answered in time: {host: reply}."""
+        with self.lock:
+            targets = {h: self.collector.nodes[h].identity for h in hosts
+                       if h in self.collector.nodes}
         if not targets:
             return {}
+        message = {"type": f"{kind}?", "timeout": timeout, **payload}
+        return self._request({ident: message for ident in targets.values()},
+                             set(targets), timeout)
+
+    def _ask(self, kind: str, keys: list[str], timeout: float) -> dict:
+        """Asks these ranks' agents, directly or through their nodes' relays (one request a
+        relay, naming its ranks); {rank key: answer} of those that answered in time."""
+        with self.lock:
+            tracks = [self.collector.tracks[k] for k in keys if k in self.collector.tracks]
+        by_identity: dict[bytes, list[str]] = {}
+        for t in tracks:
+            by_identity.setdefault(t.identity, []).append(t.key)
+        messages = {ident: {"type": f"{kind}?", "timeout": timeout, "ranks": named}
+                    for ident, named in by_identity.items()}
+        return self._request(messages, {t.key for t in tracks}, timeout)
+
+    def _request(self, messages: dict[bytes, dict], wanted: set[str], timeout: float) -> dict:
+        """Sends each identity its message under one request id; waits until every one of
+        `wanted` is settled (answered, or given up by its relay) or the timeout."""
+        if not messages:
+            return {}
         rid = next(self._request_ids)
-        frames = self._signer.frames({"type": f"{kind}?", "request": rid})
         with self._replied:
-            self._replies[rid] = {}
+            self._replies[rid], self._settled[rid] = {}, set()
         with self._wake_lock:
-            self._pending.append((rid, [identity for _, identity in targets], frames))
+            for ident, message in messages.items():
+                self._pending.append((rid, [ident], self._signer.frames(
+                    {**message, "request": rid})))
             self._wake_out.send(b"")
-        wanted = {k for k, _ in targets}
         deadline = time.monotonic() + timeout
         with self._replied:
-            while not wanted <= self._replies[rid].keys():
+            while not wanted <= self._settled[rid]:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._replied.wait(left)
+            self._settled.pop(rid)
             return self._replies.pop(rid)
 
     def close(self, timeout: float = 2.0) -> None:
@@ -213,28 +247,50 @@ class Monitor:
                 with self.lock:
                     if kind in ("beat", "bye"):
                         self.collector.ingest(message, self.clock(), identity)
+                    elif kind == "batch":
+                        self.collector.ingest_batch(message, self.clock(), identity)
+                    elif kind == "exit":
+                        self.collector.note_exit(message, self.clock())
                     elif kind in ("stacks", "recording"):
                         self._store_reply(kind, message)
+                    elif kind in NODE_REPLIES:
+                        self._store_node_reply(message)
             except Exception:  # one odd message must not stop the monitor for every rank
                 self.verifier.dropped.malformed += 1
                 log.debug("message not understood: %r", message, exc_info=True)
 
     def _store_reply(self, kind: str, message: dict) -> None:
-        replies = self._replies.get(message.get("request"))
+        """An agent's answer, or a relay's answers for its node's agents."""
+        rid = message.get("request")
+        replies, settled = self._replies.get(rid), self._settled.get(rid)
         if replies is None:
             return  # late: its caller stopped waiting
+        if "answers" in message:  # from a relay: several ranks, and those that did not answer
+            answers = message.get("answers") or {}
+        else:
+            key = f"rank {message['rank']}" if message.get("rank") is not None \
+                else f"pid {message.get('pid')}"
+            answers = {key: message.get("threads", []) if kind == "stacks"
+                       else [message.get("recording"), message.get("error")]}
         try:
-            if kind == "stacks":
-                value = [ThreadStack.from_json(t) for t in message.get("threads", [])]
-            else:  # (the dump or None, why there is none)
-                dump = message.get("recording")
-                value = (dump if isinstance(dump, dict) else None, message.get("error"))
-        except (KeyError, TypeError):
+            for key, value in answers.items():
+                if kind == "stacks":
+                    replies[key] = [ThreadStack.from_json(t) for t in value]
+                else:  # (the dump or None, why there is none)
+                    dump, error = value
+                    replies[key] = (dump if isinstance(dump, dict) else None, error)
+                settled.add(key)
+        except (KeyError, TypeError, ValueError):
             return
-        key = f"rank {message['rank']}" if message.get("rank") is not None \
-            else f"pid {message.get('pid')}"
-        replies[key] = value
+        settled.update(message.get("missing") or ())
         self._replied.notify_all()
+
+    def _store_node_reply(self, message: dict) -> None:
+        rid, host = message.get("request"), message.get("host")
+        if rid in self._replies and isinstance(host, str):
+            self._replies[rid][host] = message
+            self._settled[rid].add(host)
+            self._replied.notify_all()
 
     def _send_requests(self) -> None:
         with self._wake_lock:
@@ -274,13 +330,3 @@ def _remove_dump_file(path: str | None) -> None:
     if path and os.path.basename(path).startswith("hangkit-stacks-"):
         with contextlib.suppress(OSError):
             os.unlink(path)
-
-
-def pid_alive(pid: int) -> bool:
-    """Running and not a zombie (an exited child its parent has not reaped yet)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return False
-    except psutil.Error:
-        return True  # not ours to look at, but there

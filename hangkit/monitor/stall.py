@@ -66,7 +66,7 @@ class StallDetector:
     def step(self, now: float) -> list[StallEvent]:
         ranks = self.statuses(now)
         found: dict[tuple, StallEvent] = {}
-        for finder in (self._dead, self._stall, self._desync, self._stragglers):
+        for finder in (self._dead, self._unheard, self._stall, self._desync, self._stragglers):
             found.update(finder(ranks, now))
         new = [e for k, e in found.items() if k not in self.active]
         self.active = {k: self.active.get(k, e) for k, e in found.items()}
@@ -80,20 +80,41 @@ class StallDetector:
             if r.status != RankState.DEAD:
                 continue
             track = self.collector.tracks[r.key]
-            why = (f"its process {r.pid} on {r.host} exited" if track.gone
-                   else f"no beat for {r.beat_age:.0f} s (process {r.pid} on {r.host}: gone, "
-                   "stopped, or its main thread holds the GIL)")
+            if track.exit:
+                why = f"its process {r.pid} on {r.host} {track.exit}"
+            elif track.gone:
+                why = f"its process {r.pid} on {r.host} exited"
+            else:
+                why = (f"no beat for {r.beat_age:.0f} s (process {r.pid} on {r.host}: gone, "
+                       "stopped, or its main thread holds the GIL)")
             where = f" in phase {r.phase!r}" if r.phase else ""
             step = f" at step {r.step}" if r.step is not None else ""
+            seen = f"; last seen{where}{step}" if where or step else ""
             out[("dead", r.key)] = StallEvent(
-                "dead", f"{r.key} is dead: {why}; last seen{where}{step}",
+                "dead", f"{r.key} is dead: {why}{seen}",
                 ranks=_rank_numbers([r]), at=now)
+        return out
+
+    def _unheard(self, ranks: list[RankStatus], now: float) -> dict:
+        """A node whose relay went silent: its ranks are not observed, not known dead."""
+        out = {}
+        for node in self.collector.silent_nodes(now, self.config.dead_after):
+            there = node.ranks()
+            summary = (f"{node.host} went silent: no word from its relay (pid "
+                       f"{node.relay_pid}) for {now - node.last_heard:.0f} s")
+            if there:
+                summary += (f"; {who(there, [])} there {'is' if len(there) == 1 else 'are'} "
+                            "no longer observed")
+            out[("node-silent", node.host)] = StallEvent("node-silent", summary, ranks=there,
+                                                         at=now)
         return out
 
     def _stall(self, ranks: list[RankStatus], now: float) -> dict:
         # Dead ranks are reported by _dead; here they only explain why the others wait.
-        # An idle rank (an engine between cells) waits by intent: it is never stopped.
-        live = [r for r in ranks if not r.status.ended and r.status != RankState.IDLE]
+        # An idle rank (an engine between cells) waits by intent: it is never stopped. A rank
+        # on a node gone silent is not known to have stopped: _unheard says so.
+        live = [r for r in ranks if not r.status.ended
+                and r.status not in (RankState.IDLE, RankState.UNREACHABLE)]
         dead = [r for r in ranks if r.status == RankState.DEAD]
         # A busy rank (silent, but a look saw it progressing) has not stopped: while one is,
         # the others wait for it, and that is no stall yet.
@@ -126,6 +147,9 @@ class StallDetector:
         missing = self._never_reported()
         if missing:
             parts.append(f"{who(missing, [])} never reported progress")
+        unheard = [r for r in ranks if r.status == RankState.UNREACHABLE]
+        if unheard:
+            parts.append(f"{_who(unheard)} not observed (their node went silent)")
         summary = f"no rank advanced for {last_stop:.0f} s: " + "; ".join(parts)
         # A dead rank explains the rest.
         blamed = _rank_numbers(dead) or _rank_numbers(culprits) or missing
@@ -196,6 +220,9 @@ def _who(statuses: list[RankStatus]) -> str:
 
 def _where(r: RankStatus) -> str:
     parts = []
+    if r.status == RankState.SILENT:
+        parts.append(f"silent for {r.beat_age:.0f} s though its process lives (its main thread "
+                     "may hold the GIL)")
     if r.phase:
         parts.append(f"in phase {r.phase!r} for {r.phase_seconds:.0f} s")
     if r.step is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psutil
@@ -12,6 +13,7 @@ from hangkit.monitor.jobtree import JobTree
 
 # After SIGKILL the kernel needs a moment to take processes down; this bounds that wait.
 KILL_WAIT_SECONDS = 5.0
+NODE_END_MARGIN = 10.0  # seconds past the grace for a node's relay to say what it ended
 _RESCANS = 5
 
 
@@ -84,3 +86,39 @@ def _reap_orphans(tree: JobTree) -> None:
             child.wait(timeout=0)
         except (psutil.TimeoutExpired, psutil.Error):
             continue
+
+
+def end_nodes(monitor, *, grace: float) -> Callable[[], list[str]]:
+    """Asks the relay of every other node (ranks under `hangkit rank`) to end its ranks'
+    trees, SIGTERM then SIGKILL after `grace`, all at once and in the background, while the
+    caller ends its own node. Returns a function that waits for their answers (a deadline)
+    and says, one line per node, what each did. The processes of a node that does not answer
+    end with their launcher (mpiexec's daemons end them when it goes)."""
+    from hangkit import deadline
+    from hangkit.monitor.capture import heard_nodes
+
+    nodes = [n for n in monitor.nodes() if n.host != monitor.host]
+    heard = {n.host for n in heard_nodes(monitor, nodes)}
+    timeout = grace + NODE_END_MARGIN
+    asked = deadline.start(lambda: monitor.ask_nodes("end", sorted(heard), timeout=timeout,
+                                                     grace=grace),
+                           timeout=timeout + 1.0, name="ending the nodes") if heard else None
+
+    def answers() -> list[str]:
+        try:
+            replies = asked.result() if asked is not None else {}
+        except deadline.DeadlineExceeded:
+            replies = {}
+        lines = []
+        for n in nodes:
+            reply = replies.get(n.host)
+            if reply is not None:
+                done = "; ".join(f"{k}: {v}" for k, v in sorted(
+                    (reply.get("answers") or {}).items())) or "nothing left to end"
+                lines.append(f"{n.host}: {done}")
+            else:
+                why = "did not answer" if n.host in heard else "its relay is silent"
+                lines.append(f"{n.host}: {why}; its processes end with their launcher")
+        return lines
+
+    return answers

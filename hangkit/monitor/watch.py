@@ -29,7 +29,7 @@ from hangkit.monitor.jobtree import MARKER_VARIABLE, JobTree, become_subreaper
 from hangkit.monitor.output import OutputTail, write_all
 from hangkit.monitor.server import Monitor
 from hangkit.monitor.stall import AUTO, AUTO_FLOOR, HANG_KINDS, StallConfig
-from hangkit.monitor.terminate import end_job
+from hangkit.monitor.terminate import end_job, end_nodes
 from hangkit.records import StallEvent
 from hangkit.text import who
 
@@ -325,11 +325,17 @@ class _Watcher:
         while self.sel.get_map() and time.monotonic() < deadline:
             for key, _ in self.sel.select(timeout=deadline - time.monotonic()):
                 self._pump(key.fd)
+        if code != 0:  # how the ranks ended, as their shims reported it (hangkit rank)
+            for event in self.monitor.step():
+                if event.kind == "dead":
+                    say(f"[{event.kind}] {event.summary}")
         leftovers = self.tree.processes()
         if leftovers:
             result = end_job(self.tree, grace=self.opts.grace)
-            say(f"ended {len(result.terminated) + len(result.killed)} process(es) the command "
-                f"left running: {', '.join(str(p.pid) for p in leftovers)}")
+            ended = result.terminated + result.killed
+            if ended:
+                say(f"ended {len(ended)} process(es) the command left running: "
+                    f"{', '.join(map(str, ended))}")
         return 128 - code if code < 0 else code
 
     def _hang(self, idle: float, confirmation: Confirmation, *, detector: str,
@@ -349,7 +355,8 @@ class _Watcher:
             processes=confirmation.snapshots, last_lines=self.tail.lines(),
             context=context, started_at=self.started_at, capture_seconds=look.capture_seconds,
             detector=detector, ranks=self.monitor.statuses(),
-            events=self.monitor.active_events(), looks=confirmation.looks)
+            events=self.monitor.active_events(), looks=confirmation.looks,
+            nodes=confirmation.nodes)
         paths = self._write(report)
         for line in render_summary(report):
             write_all(2, (line + "\n").encode())
@@ -376,8 +383,11 @@ class _Watcher:
 
     def _end(self) -> None:
         say(f"ending the job: SIGTERM, then SIGKILL after {self.opts.grace:g} s")
+        others = end_nodes(self.monitor, grace=self.opts.grace)  # in the background
         result = end_job(self.tree, grace=self.opts.grace)
         self.proc.wait()
+        for line in others():
+            say(line)
         line = f"ended {len(result.terminated)} process(es) with SIGTERM"
         if result.killed:
             line += f", {len(result.killed)} with SIGKILL ({', '.join(map(str, result.killed))})"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hangkit.errors import UsageError, check_at_least, check_positive_seconds
+from hangkit.launcher import job_nodes
 from hangkit.probes import TIMEOUT_ADVICE, select
 from hangkit.probes.api import kill_session, marked_environment
 from hangkit.probes.child import RESULT_MARKER
@@ -60,7 +61,7 @@ def run_doctor(only: str | list[str] | None = None, *, ranks: int | None = None,
         from hangkit.launcher import mpiexec_command
 
         launcher = mpiexec_command(ranks)
-    workdir = Path(tempfile.mkdtemp(prefix="hangkit-doctor-"))
+    workdir = _workdir(ranks, path)
     try:
         runs = [_Run(n) for n in names]
         _run_all(runs, ranks=ranks, timeout=timeout, path=str(path.resolve()),
@@ -71,6 +72,20 @@ def run_doctor(only: str | list[str] | None = None, *, ranks: int | None = None,
         return results
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _workdir(ranks: int | None, path: Path) -> Path:
+    """Where the probes' ranks write their results. Across several nodes of a PBS job, in
+    `path` (the current directory by default), which every node sees: each node's /tmp is its
+    own, and results written there by ranks on other nodes would never be read."""
+    if ranks is not None and len(job_nodes()) > 1:
+        try:
+            return Path(tempfile.mkdtemp(prefix=".hangkit-doctor-", dir=path))
+        except OSError as e:
+            raise UsageError(f"path {path}: cannot write the probes' results there "
+                             f"({e.strerror}): ranks on the job's other nodes need a "
+                             "directory every node sees") from None
+    return Path(tempfile.mkdtemp(prefix="hangkit-doctor-"))
 
 
 def _run_all(runs: list[_Run], *, ranks, timeout, path, launcher, workdir) -> None:

@@ -1,0 +1,253 @@
+"""The node relay: one process per node, started by the node's first `hangkit rank` shim.
+
+It binds a ROUTER on a local socket (hangkit.shim.relay_paths) that the node's agents send
+their beats to, and its shims their hello and exit; it holds one DEALER connected to the
+monitor. Every INTERVAL it sends the monitor one batch: the beats that arrived since the last
+(each aged by how long it waited here, so the monitor's idea of when a rank last advanced stays
+exact), and every shim's rank, pids and whether its rank is alive. A rank's exit goes up at
+once. The monitor's requests become jobs (gather.py) that this one loop drives.
+
+It ends once the shim that started it and every shim it heard from are gone (they end when
+their ranks do), or on SIGTERM: it never outlives its job.
+The lock file it inherits is held as long as it runs, so a node never has two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from hangkit.procfs import pid_alive
+from hangkit.records import CollectiveState
+from hangkit.shim.gather import JOBS, Gather, Job
+from hangkit.transport import MONITOR_ADDRESS, MONITOR_KEY, Signer, Verifier
+
+log = logging.getLogger(__name__)
+
+INTERVAL = 1.0  # seconds between batches: the node's heartbeat to the monitor
+SEND_HWM = 16  # batches and replies queued for a slow monitor before they are dropped
+AGENT_KINDS = ("beat", "bye")
+REPLY_KINDS = ("stacks", "recording", "captured", "sampled", "signalled", "ended")
+
+
+class Relay:
+    def __init__(self, endpoint: str, monitor: str, key: str, *, host: str | None = None,
+                 parent: int | None = None, lock_path: str | None = None,
+                 clock=time.monotonic):
+        import zmq
+
+        self.zmq, self.clock = zmq, clock
+        self.host = host or socket.gethostname()
+        self.endpoint, self.parent, self.lock_path = endpoint, parent, lock_path
+        self.signer, self.verifier = Signer(key), Verifier(key)
+        self.up_verifier = Verifier(key)
+        self.ctx = zmq.Context()
+        self.local = self.ctx.socket(zmq.ROUTER)
+        self.local.setsockopt(zmq.LINGER, 0)
+        self.local.bind(endpoint)
+        self.up = self.ctx.socket(zmq.DEALER)
+        for option, value in ((zmq.LINGER, 500), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, SEND_HWM)):
+            self.up.setsockopt(option, value)
+        self.up.connect(monitor)
+        self._agents: dict[str, tuple[bytes, dict, float]] = {}  # key: (identity, beat, at)
+        self._fresh: set[str] = set()  # agents whose latest beat has not gone up yet
+        self._shims: dict[str, dict] = {}  # rank key: the shim's hello, with identity, exit
+        self._routes: dict[int, tuple[Gather, str]] = {}
+        self._ids = itertools.count(1)
+        self._jobs: list[Job] = []
+        self.dropped = 0  # batches and replies the monitor could not take
+
+    # -- what jobs use -----------------------------------------------------------------------
+
+    def agents(self) -> dict[str, bytes]:
+        """{rank key: identity} of the agents that beat here and have not said goodbye."""
+        return {k: ident for k, (ident, beat, _) in self._agents.items()
+                if beat.get("type") != "bye"}
+
+    def shims(self) -> dict[str, bytes]:
+        """{rank key: identity} of the shims whose rank is still running."""
+        return {k: s["identity"] for k, s in self._shims.items() if s.get("exit") is None}
+
+    def last_beat(self, key: str) -> dict | None:
+        found = self._agents.get(key)
+        return found[1] if found else None
+
+    def ask(self, who: str, identity: bytes, message: dict, gather: Gather) -> None:
+        rid = next(self._ids)
+        self._routes[rid] = (gather, who)
+        self._send_local(identity, {**message, "request": rid})
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        zmq = self.zmq
+        poller = zmq.Poller()
+        poller.register(self.local, zmq.POLLIN)
+        poller.register(self.up, zmq.POLLIN)
+        next_batch = self.clock()
+        try:
+            while True:
+                now = self.clock()
+                if now >= next_batch:
+                    self._batch(now)
+                    next_batch = now + INTERVAL
+                    if self._finished():
+                        return 0
+                wake = min([next_batch] + [j.deadline for j in self._jobs])
+                ready = dict(poller.poll(max(wake - self.clock(), 0.0) * 1000))
+                if self.local in ready:
+                    self._receive_local()
+                if self.up in ready:
+                    self._receive_up()
+                self._step_jobs()
+        finally:
+            self.ctx.destroy(linger=0)
+            for path in (self.endpoint.removeprefix("ipc://"), self.lock_path):
+                with contextlib.suppress(OSError, TypeError):
+                    os.unlink(path)  # while the lock is still ours: no other relay took it
+
+    def _receive_local(self) -> None:
+        zmq = self.zmq
+        while True:
+            try:
+                frames = self.local.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            message = self.verifier.open(frames[1:])
+            if message is not None:
+                try:
+                    self._local_message(frames[0], message)
+                except (KeyError, TypeError, ValueError):
+                    log.debug("not understood: %r", message, exc_info=True)
+
+    def _local_message(self, identity: bytes, m: dict) -> None:
+        kind = m.get("type")
+        if kind in AGENT_KINDS:
+            key = _key(m)
+            self._agents[key] = (identity, m, self.clock())
+            self._fresh.add(key)
+        elif kind == "hello":
+            key = _key(m)
+            self._shims[key] = {**m, "identity": identity, "exit": None}
+            self._send_local(identity, {"type": "welcome"})
+        elif kind == "exit":
+            key = _key(m)
+            if key in self._shims:
+                self._shims[key]["exit"] = {"code": m.get("code"), "signal": m.get("signal")}
+            if self._fresh:  # the rank's last beats (its goodbye) before its exit
+                self._batch(self.clock())
+            self._send_up({"type": "exit", "host": self.host,
+                           **{k: m.get(k) for k in ("rank", "pid", "code", "signal")}})
+        elif kind in REPLY_KINDS:
+            route = self._routes.pop(m.get("request"), None)
+            if route is not None:
+                gather, who = route
+                gather.replies[who] = m
+
+    def _receive_up(self) -> None:
+        zmq = self.zmq
+        while True:
+            try:
+                frames = self.up.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            request = self.up_verifier.open(frames)
+            job = JOBS.get((request or {}).get("type"))
+            if job is not None:
+                try:
+                    self._jobs.append(job(self, request, self.clock()))
+                except (KeyError, TypeError, ValueError):
+                    log.debug("request not understood: %r", request, exc_info=True)
+
+    def _step_jobs(self) -> None:
+        now, running = self.clock(), []
+        for job in self._jobs:
+            reply = job.step(now)
+            if reply is None:
+                running.append(job)
+            else:
+                self._send_up(reply)
+        self._jobs = running
+        if not running:  # replies that came too late have nobody waiting for them
+            self._routes.clear()
+
+    def _batch(self, now: float) -> None:
+        beats = []
+        for key in sorted(self._fresh):
+            _, beat, at = self._agents[key]
+            beats.append(_aged(beat, now - at))
+        self._fresh.clear()
+        shims = []
+        for s in self._shims.values():
+            alive = s["exit"] is None and _alive(s.get("pid"))
+            shims.append({k: s.get(k) for k in ("rank", "local_rank", "shim_pid", "pid")}
+                         | {"alive": alive, "exit": s["exit"]})
+        self._send_up({"type": "batch", "host": self.host, "relay_pid": os.getpid(),
+                       "interval": INTERVAL, "beats": beats, "shims": shims})
+
+    def _finished(self) -> bool:
+        """The shim that started us and every shim that said hello are gone (a short job's
+        shims may end before they could)."""
+        if self._jobs or _alive(self.parent):
+            return False
+        return not any(_alive(s.get("shim_pid")) for s in self._shims.values())
+
+    def _send_local(self, identity: bytes, message: dict) -> None:
+        with contextlib.suppress(self.zmq.ZMQError):  # that process is gone
+            self.local.send_multipart([identity, *self.signer.frames(message)],
+                                      self.zmq.NOBLOCK)
+
+    def _send_up(self, message: dict) -> None:
+        try:
+            self.up.send_multipart(self.signer.frames(message), self.zmq.NOBLOCK)
+        except self.zmq.ZMQError:  # no monitor, or a slow one: this node's news is dropped
+            self.dropped += 1
+
+
+def _key(m: dict) -> str:
+    return f"rank {m['rank']}" if m.get("rank") is not None else f"pid {m.get('pid')}"
+
+
+def _aged(beat: dict, held: float) -> dict:
+    """The beat as if sent now: the times it counts grow by how long it waited here."""
+    out = {k: v for k, v in beat.items() if k not in ("sender", "seq")}
+    for name in ("since_progress", "phase_seconds"):
+        if isinstance(out.get(name), int | float):
+            out[name] = round(out[name] + held, 3)
+    collective = CollectiveState.from_json(out.get("collective"))
+    if collective is not None and collective.inside:
+        collective.seconds = round(collective.seconds + held, 3)
+        out["collective"] = collective.to_json()
+    return out
+
+
+def _alive(pid) -> bool:
+    return isinstance(pid, int) and pid > 0 and pid_alive(pid)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hangkit.shim.relay ENDPOINT LOCK_FD LOCK_PATH PARENT_PID`, started by
+    rank.py. SIGTERM (the job ending) ends it cleanly: its socket and lock file go too."""
+    endpoint, lock_fd, lock_path, parent = (argv if argv is not None else sys.argv[1:])[:4]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    monitor, key = os.environ.get(MONITOR_ADDRESS), os.environ.get(MONITOR_KEY)
+    if not monitor or not key:
+        return 2
+    os.set_inheritable(int(lock_fd), False)  # held by us alone: the node's one relay
+    try:
+        relay = Relay(endpoint, monitor, key, parent=int(parent), lock_path=lock_path)
+    except Exception as e:  # a socket that cannot be bound: the node goes unobserved, said once
+        print(f"hangkit: the node relay did not start ({type(e).__name__}: {e}); this node's "
+              "ranks are not observed", file=sys.stderr)
+        return 1
+    return relay.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
