@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import linecache
 import os
 import signal
 import sys
@@ -32,7 +33,8 @@ def current_stacks() -> list[ThreadStack]:
         while frame is not None:
             code = frame.f_code
             frames.append(Frame(function=code.co_qualname, file=code.co_filename,
-                                line=frame.f_lineno))
+                                line=frame.f_lineno,
+                                code=_cached_line(code.co_filename, frame.f_lineno)))
             frame = frame.f_back
         frames.reverse()
         thread = threads.get(ident)
@@ -41,6 +43,15 @@ def current_stacks() -> list[ThreadStack]:
             os_thread_id=thread.native_id if thread else None, is_main=ident == main_ident))
     stacks.sort(key=lambda t: not t.is_main)
     return stacks
+
+
+def _cached_line(filename: str, line: int | None) -> str | None:
+    """The line's text as linecache already holds it (a notebook cell's code is there: IPython
+    puts it there), never read from disk: a hung filesystem must not hang the agent."""
+    lines = (linecache.cache.get(filename) or (None, None, None))[2]
+    if not lines or not line or line > len(lines):
+        return None
+    return lines[line - 1].strip()
 
 
 class FaultDump:

@@ -27,6 +27,7 @@ import math
 import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -179,10 +180,17 @@ class EngineCluster:
         # --hostfile and --ppn for Cray PALS (faked by MPICH's hydra here).
         config.MPILauncher.mpi_cmd = [self.mpiexec or find_mpiexec()]
         config.MPILauncher.mpi_args = mpiexec_command(self.n, self.environ)[3:]
+        # Each engine runs under `hangkit rank`, as a job script's ranks do: its GPU by local
+        # rank, and its node's relay, through which engines on other nodes are captured,
+        # signalled and ended.
+        config.MPIEngineSetLauncher.engine_cmd = [
+            sys.executable, "-m", "hangkit", "rank", "--", sys.executable, "-m",
+            "ipyparallel.engine"]
         # The engines' collectives, for stacks() and the dashboard (or none, when turned off).
         wanted = recorder_environment(self.environ, on=self.flight_recorder)[0]
         config.MPIEngineSetLauncher.environment = {
-            k: v for k, v in wanted.items() if self.environ.get(k) != v}
+            **{k: v for k, v in wanted.items() if self.environ.get(k) != v},
+            **self.monitor.environment()}  # for the shims, which start the relays
         self._ipp = ipp.Cluster(engines="mpi", n=self.n, config=config,
                                 engine_timeout=max(1, math.ceil(self.start_timeout)),
                                 controller_ip=self.bind or "127.0.0.1",
@@ -266,15 +274,22 @@ class EngineCluster:
         return list(found.values())
 
     def _kill_engines(self) -> None:
-        """The engines and their children (DataLoader workers), at once."""
+        """The engines and their children (DataLoader workers), at once: here directly, on
+        other nodes through their shims. (A pid of another node means another process here.)"""
         import psutil
 
         for info in self.engines.values():
+            if info["host"] != self.monitor.host:
+                continue
             with contextlib.suppress(psutil.Error):
                 proc = psutil.Process(info["pid"])
                 for p in [proc, *proc.children(recursive=True)]:
                     with contextlib.suppress(psutil.Error):
                         p.kill()
+        remote = sorted({i["host"] for i in self.engines.values()} - {self.monitor.host})
+        if remote:
+            self.monitor.ask_nodes("signal", remote, timeout=CALL_TIMEOUT,
+                                   signal=int(signal.SIGKILL), tree=True)
 
     def __enter__(self) -> EngineCluster:
         return self.start() if self.client is None else self
@@ -393,20 +408,23 @@ class EngineCluster:
 
     def signal(self, sig: int, ranks: list[int]) -> None:
         """Sends `sig` to the ranks' engine processes: directly when on this host, else
-        through ipyparallel's control channel."""
-        import socket
-
-        here = socket.gethostname()
-        remote = []
+        through their node's relay (its shims are their parents), or, without one, through
+        ipyparallel's control channel."""
+        relayed = {n.host for n in self.monitor.nodes()}
+        by_host: dict[str, list[int]] = {}
         for rank in ranks:
             info = self.engines[rank]
-            if info["host"] == here:
+            if info["host"] == self.monitor.host:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(info["pid"], sig)
             else:
-                remote.append(rank)
-        if remote:
-            self.client.send_signal(signal.Signals(sig).name, targets=remote, block=False)
+                by_host.setdefault(info["host"], []).append(rank)
+        for host, there in by_host.items():
+            if host in relayed:
+                self.monitor.ask_nodes("signal", [host], timeout=CALL_TIMEOUT, signal=int(sig),
+                                       ranks=[f"rank {r}" for r in there])
+            else:
+                self.client.send_signal(signal.Signals(sig).name, targets=there, block=False)
 
     # -- the dashboard ------------------------------------------------------------------------
 

@@ -9,8 +9,13 @@ classes watch decides by.
 from __future__ import annotations
 
 import contextlib
+import re
 
 from hangkit.records import Activity, Diagnosis, HangReport, TreeNode
+
+# Where ipykernel says a cell's code is: a file per engine (its pid in the path) named by a
+# hash of the cell's code, and only written with the debugger on.
+_ENGINE_CELL_FILE = re.compile(r"\S*ipykernel_\d+/(\d+)\.py")
 
 
 def engine_pids(cluster) -> list[int]:
@@ -39,11 +44,28 @@ def look_at_engines(cluster, *, why: str = "stacks captured from the notebook") 
     confirmation = Confirmation()
     look = confirmation.look(monitor, ranks, engine_pids(cluster), at=0.0)
     monitor.note_look(look)
-    return build_report(reason=why, command=[], idle_seconds=0.0,
-                        processes=confirmation.snapshots, last_lines=[], context={},
-                        detector="notebook", capture_seconds=look.capture_seconds,
-                        ranks=ranks, events=monitor.active_events(), looks=[look],
-                        nodes=confirmation.nodes)
+    report = build_report(reason=why, command=[], idle_seconds=0.0,
+                          processes=confirmation.snapshots, last_lines=[], context={},
+                          detector="notebook", capture_seconds=look.capture_seconds,
+                          ranks=ranks, events=monitor.active_events(), looks=[look],
+                          nodes=confirmation.nodes)
+    name_cell_files(report)
+    return report
+
+
+def name_cell_files(report: HangReport) -> None:
+    """Each engine's file of a cell renamed after the cell alone (hk-cell-HASH.py), and the
+    groups and the tree made again from them: ranks at one line of one cell merge. (The
+    diagnosis was made before, from the files' own lines.)"""
+    from hangkit.monitor.merge import groups, merged_tree
+
+    for p in report.processes:
+        for t in p.threads:
+            for f in t.frames:
+                m = _ENGINE_CELL_FILE.fullmatch(f.file)
+                if m:
+                    f.file = f"hk-cell-{m.group(1)}.py"
+    report.groups, report.tree = groups(report.processes), merged_tree(report.processes)
 
 
 def progressing(report: HangReport, ranks=None) -> list:

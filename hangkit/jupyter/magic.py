@@ -44,12 +44,9 @@ SETTLE_WAIT = 10.0
 _LOCATION = re.compile(r'(?:File "?([^",]+)"?, line (\d+)|File ([^\s:]+):(\d+)|'
                        r'Cell In\[\d+\], line (\d+))')
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# Where ipykernel says a cell's code is: a file per engine (its pid in the path) named by a
-# hash of the cell's code, and only written with the debugger on. Read as the cell's line, with
-# its text from the cell itself (cluster.cells keeps them).
-_ENGINE_CELL_FILE = re.compile(r"\S*ipykernel_\d+/(\d+)\.py")
-# Frames in those files are renamed hk-cell-HASH.py in the report, so that ranks at the same
-# line of the same cell merge in the tree and the groups; text is then said as cells' lines.
+# Frames in engines' cell files are named hk-cell-HASH.py in reports (livestacks.py), so that
+# ranks at the same line of the same cell merge; text is said as cells' lines, with its text
+# from the cell itself (cluster.cells keeps them).
 _CELL_FILE = re.compile(r"(?:\S*ipykernel_\d+/|hk-cell-)(\d+)\.py:(\d+)")
 
 
@@ -179,7 +176,6 @@ class CellRun:
             why = f"a %%hk cell ran past its deadline (--timeout {self.timeout:g})"
         report = self.report or look_at_engines(self.cluster, why=why)
         report.reason, report.idle_seconds = why, round(elapsed, 1)
-        name_cell_files(report)
         cells = cell_sources(self.cluster.cells, self)
         for rank, tb in sorted(self.tasks.errors().items()):
             report.events.append(StallEvent(
@@ -235,20 +231,6 @@ def cell_text(line: int, code: str, name: str = "the cell") -> str:
         lines.pop(0)
     text = lines[line - 1].strip() if 0 < line <= len(lines) else ""
     return f"{name}'s line {line}" + (f" (`{text}`)" if text else "")
-
-
-def name_cell_files(report: HangReport) -> None:
-    """Each engine's file of a cell renamed after the cell alone (hk-cell-HASH.py), and the
-    groups and the tree made again from them."""
-    from hangkit.monitor.merge import groups, merged_tree
-
-    for p in report.processes:
-        for t in p.threads:
-            for f in t.frames:
-                m = _ENGINE_CELL_FILE.fullmatch(f.file)
-                if m:
-                    f.file = f"hk-cell-{m.group(1)}.py"
-    report.groups, report.tree = groups(report.processes), merged_tree(report.processes)
 
 
 def cell_sources(cells: list, current: CellRun) -> dict[str, tuple[str, str]]:

@@ -118,10 +118,11 @@ class Confirmation:
         nodes, covered = [n.host for n in heard], under_shims(monitor, heard)
         python = [pid for pid in pids if pid not in covered and runs_python(pid)]
         agents = {r.key: r for r in ranks if not r.status.ended and r.host not in nodes}
+        quiet: dict[str, set[str]] = {}  # per node, its agents that did not answer
         for i in range(samples):
             if i:
                 time.sleep(gap)  # the samples must be spread to see a stack change
-            for who, thread in _sample(monitor, agents, python, nodes).items():
+            for who, thread in _sample(monitor, agents, python, nodes, quiet).items():
                 sig = signature(thread)
                 if sig is not None:
                     sampled[who].append(sig)
@@ -157,16 +158,18 @@ class Confirmation:
         return look
 
 
-def _sample(monitor, agents: dict[str, RankStatus], pids: list[int], nodes: list[str]
-            ) -> dict[Who, ThreadStack]:
+def _sample(monitor, agents: dict[str, RankStatus], pids: list[int], nodes: list[str],
+            quiet: dict[str, set[str]]) -> dict[Who, ThreadStack]:
     """One stack sample of each process: main threads, keyed by (host, pid). Nodes with a
     relay sample themselves (their agents, and py-spy by the shims for the rest); ranks that
     report straight here answer through their agents; py-spy, all at once and without native
     frames (cheaper, and enough to see a stack move), samples the rest of this host's. An
     agent that does not answer (its main thread holds the GIL) is not asked again in this
-    look."""
-    asked = deadline.start(lambda: monitor.ask_nodes("sample", nodes, timeout=SAMPLE_TIMEOUT),
-                           timeout=SAMPLE_TIMEOUT + 1.0, name="node samples") if nodes else None
+    look (`agents`, and `quiet` for each node, are updated)."""
+    asked = deadline.start(lambda: monitor.ask_nodes(
+        "sample", nodes, timeout=SAMPLE_TIMEOUT,
+        per_host={n: {"quiet": sorted(quiet.get(n, ()))} for n in nodes}),
+        timeout=SAMPLE_TIMEOUT + 1.0, name="node samples") if nodes else None
     answered = monitor.request_stacks(list(agents), timeout=AGENT_TIMEOUT) if agents else {}
     out: dict[Who, ThreadStack] = {}
     for key in [k for k in agents if k not in answered]:
@@ -189,6 +192,7 @@ def _sample(monitor, agents: dict[str, RankStatus], pids: list[int], nodes: list
     except deadline.DeadlineExceeded:
         replies = {}
     for host, reply in replies.items():
+        quiet.setdefault(host, set()).update(reply.get("quiet") or ())
         for sample in reply.get("samples") or ():
             with contextlib.suppress(KeyError, TypeError, ValueError):
                 out[(host, int(sample["pid"]))] = ThreadStack.from_json(sample["thread"])

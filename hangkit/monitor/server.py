@@ -144,18 +144,19 @@ class Monitor:
             return [dataclasses.replace(n, shims=dict(n.shims))
                     for n in self.collector.nodes.values()]
 
-    def ask_nodes(self, kind: str, hosts: list[str], *, timeout: float, **payload
-                  ) -> dict[str, dict]:
-        """Asks the relays of these nodes `kind` ("sample", "capture", "signal", "end") and
-        returns the replies of those that answered in time: {host: reply}."""
+    def ask_nodes(self, kind: str, hosts: list[str], *, timeout: float,
+                  per_host: dict[str, dict] | None = None, **payload) -> dict[str, dict]:
+        """Asks the relays of these nodes `kind` ("sample", "capture", "signal", "end"), all
+        at once, with `payload` (and per_host[host] for each); returns the replies of those
+        that answered in time: {host: reply}."""
         with self.lock:
             targets = {h: self.collector.nodes[h].identity for h in hosts
                        if h in self.collector.nodes}
         if not targets:
             return {}
         message = {"type": f"{kind}?", "timeout": timeout, **payload}
-        return self._request({ident: message for ident in targets.values()},
-                             set(targets), timeout)
+        return self._request({ident: {**message, **(per_host or {}).get(h, {})}
+                              for h, ident in targets.items()}, set(targets), timeout)
 
     def _ask(self, kind: str, keys: list[str], timeout: float) -> dict:
         """Asks these ranks' agents, directly or through their nodes' relays (one request a

@@ -103,9 +103,12 @@ def _is_interpreter(frame: Frame) -> bool:
 
 
 def source_line(frame: Frame) -> str:
-    """The source text of a frame's line, read from the file (empty when it cannot be read)."""
+    """The source text of a frame's line: as read where its process runs, else from the file
+    here (empty when it cannot be read)."""
     if frame.native or not frame.line:
         return ""
+    if frame.code is not None:
+        return frame.code
     return linecache.getline(frame.file, frame.line).strip()
 
 

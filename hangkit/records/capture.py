@@ -19,6 +19,9 @@ class Frame(Record):
     file: str
     line: int | None = None
     native: bool = False
+    # The line's source text, read on the node where the process runs, where another node's
+    # files (a notebook engine's cell in its /tmp) cannot be read.
+    code: str | None = None
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Frame:

@@ -32,6 +32,9 @@ SHIM_MARKER = "HANGKIT_SHIM_ID"  # every process of one rank's tree carries its 
 # filesystem, and would be one socket for every node; and the path must stay far below the
 # AF_UNIX limit of 107 bytes (DL-06).
 RUNTIME_DIRECTORY = "/tmp"
+# In a TMPDIR a shim made (the job script made it on the first node only): the node's relay
+# removes such a TMPDIR when it ends, after every rank of the node.
+MADE_MARK = ".made-by-hangkit-rank"
 
 
 def is_helper(cmdline: list[str]) -> bool:

@@ -88,7 +88,11 @@ class Sample(Job):
     def __init__(self, relay, request: dict, now: float):
         super().__init__(relay, request, now)
         share = (self.deadline - now) * AGENT_SHARE
-        self.stacks = self.gather("stacks?", relay.agents(), lambda _: {}, now + share)
+        # Agents that did not answer an earlier sample of this look (a GIL held) are not
+        # waited for again: their shims sample them with py-spy.
+        quiet = set(request.get("quiet") or ())
+        agents = {k: ident for k, ident in relay.agents().items() if k not in quiet}
+        self.stacks = self.gather("stacks?", agents, lambda _: {}, now + share)
         self.sampled: Gather | None = None
 
     def step(self, now: float) -> dict | None:
@@ -109,6 +113,7 @@ class Sample(Job):
         for m in self.sampled.replies.values():
             samples += m.get("samples", [])
         return self.reply("sample", samples=samples,
+                          quiet=sorted(self.stacks.targets - self.stacks.replies.keys()),
                           missing=sorted(self.sampled.targets - self.sampled.replies.keys()))
 
 

@@ -27,7 +27,7 @@ import uuid
 
 from hangkit.errors import UsageError
 from hangkit.rankenv import RANK_VARIABLES, local_rank_from_environ, rank_from_environ
-from hangkit.shim import RELAY_VARIABLE, SHIM_MARKER, relay_paths
+from hangkit.shim import MADE_MARK, RELAY_VARIABLE, SHIM_MARKER, relay_paths
 from hangkit.transport import Signer, Verifier, monitor_from_environ
 
 HELLO_RETRY = 0.5  # seconds between hellos until the relay welcomes this shim
@@ -61,6 +61,7 @@ def rank_environment(environ: dict[str, str], *, bind_gpu: bool) -> dict[str, st
     if tmpdir and not os.path.isdir(tmpdir):  # made on the job's first node only, by its script
         with contextlib.suppress(OSError):
             os.makedirs(tmpdir, mode=0o700, exist_ok=True)
+            open(os.path.join(tmpdir, MADE_MARK), "w").close()
     found = monitor_from_environ(env)
     if found is not None:
         env[RELAY_VARIABLE] = relay_paths(found[1])[0]

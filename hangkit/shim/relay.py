@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import linecache
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
 import time
 
+from hangkit import deadline
 from hangkit.procfs import pid_alive
 from hangkit.records import CollectiveState
+from hangkit.shim import MADE_MARK
 from hangkit.shim.gather import JOBS, Gather, Job
 from hangkit.transport import MONITOR_ADDRESS, MONITOR_KEY, Signer, Verifier
 
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 
 INTERVAL = 1.0  # seconds between batches: the node's heartbeat to the monitor
 SEND_HWM = 16  # batches and replies queued for a slow monitor before they are dropped
+SOURCE_SECONDS = 0.5  # for one source file's lines (frames' text, for the monitor)
 AGENT_KINDS = ("beat", "bye")
 REPLY_KINDS = ("stacks", "recording", "captured", "sampled", "signalled", "ended")
 
@@ -111,6 +116,9 @@ class Relay:
             for path in (self.endpoint.removeprefix("ipc://"), self.lock_path):
                 with contextlib.suppress(OSError, TypeError):
                     os.unlink(path)  # while the lock is still ours: no other relay took it
+            tmpdir = os.environ.get("TMPDIR")
+            if tmpdir and os.path.exists(os.path.join(tmpdir, MADE_MARK)):
+                shutil.rmtree(tmpdir, ignore_errors=True)  # a shim made it: the node's ranks
 
     def _receive_local(self) -> None:
         zmq = self.zmq
@@ -172,7 +180,7 @@ class Relay:
             if reply is None:
                 running.append(job)
             else:
-                self._send_up(reply)
+                self._send_up(with_source(reply))
         self._jobs = running
         if not running:  # replies that came too late have nobody waiting for them
             self._routes.clear()
@@ -208,6 +216,35 @@ class Relay:
             self.up.send_multipart(self.signer.frames(message), self.zmq.NOBLOCK)
         except self.zmq.ZMQError:  # no monitor, or a slow one: this node's news is dropped
             self.dropped += 1
+
+
+def with_source(reply: dict) -> dict:
+    """Every Python frame of a reply given its line's text, read here: the monitor, on
+    another node, cannot read this node's files (a notebook engine's cell lives in /tmp)."""
+    threads = [t for ts in (reply.get("answers") or {}).values() for t in ts] \
+        if reply.get("type") == "stacks" else []
+    threads += [s["thread"] for s in reply.get("samples") or () if isinstance(s, dict)]
+    threads += [t for p in reply.get("snapshots") or () for t in p.get("threads") or ()]
+    files: dict[str, list[str]] = {}
+    for thread in threads:
+        for f in thread.get("frames") or ():
+            if not f.get("native") and f.get("line") and f.get("code") is None:
+                name = str(f.get("file"))
+                if name not in files:
+                    files[name] = _lines(name)
+                lines, line = files[name], int(f["line"])
+                f["code"] = lines[line - 1].strip() if 0 < line <= len(lines) else None
+    return reply
+
+
+def _lines(path: str) -> list[str]:
+    """A source file's lines, under a deadline: the user's code may sit on the hung
+    filesystem that the hang is about, and the relay must keep answering."""
+    try:
+        return deadline.call(lambda: linecache.getlines(path), timeout=SOURCE_SECONDS,
+                             name=f"reading {path}")
+    except deadline.DeadlineExceeded:
+        return []
 
 
 def _key(m: dict) -> str:
