@@ -7,8 +7,10 @@
    with the agent running, against the same loop with neither, interleaved A/B, B/A over 16
    rounds of 60 steps; medians. The work is a busy-wait on this thread's CPU clock: as precise
    as a busy-wait, yet unlike a wall-clock deadline it cannot absorb the time the sidecar takes
-   the GIL away from training. The Monitor lives in this process in both variants, so the beats
-   it handles count against hangkit: an upper bound. Goal: <= 0.5 %, judged on wall time less
+   the GIL away from training. As under `hangkit rank`, the agent sends to a real node relay
+   (hangkit.shim.relay), which batches for a Monitor in a third process: the rank pays for its
+   agent alone, whose sidecar beats once a second (a phase it merely passes through is no
+   news). Both share this machine's 2 cores with the loop. Goal: <= 0.5 %, judged on wall time less
    the time the kernel kept the loop off a core (run-queue wait, from schedstat): on a shared
    2-core machine other processes' load swamps plain wall time, which is printed beside it,
    with process CPU time (all threads).
@@ -36,10 +38,8 @@ started here is ended before the script ends (checked afterwards by an environme
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import selectors
 import statistics
 import subprocess
 import sys
@@ -47,15 +47,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 from benchrun import (
-    MARKER,
-    MARKER_VALUE,
+    end_all,
+    job_env,
     judged,
     load_line,
-    marked_processes,
     measure_all,
     print_summary,
+    read_line,
+    start_relay,
 )
 
 from hangkit.agent import current_agent, progress, start_agent, stop_agent
@@ -72,45 +72,6 @@ STEP_NS, STEPS, ROUNDS = 5_000_000, 60, 16
 RANKS, SENDERS, WINDOW = 2240, 2, 5.0
 FRAMES, MERGES = 40, 3
 STALL_AFTER, POLL, DETECTIONS = 2.0, 0.05, 3
-
-
-def job_env(**extra: str) -> dict[str, str]:
-    """Our environment without any monitor's address, plus extra and the marker."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HANGKIT_MONITOR")}
-    return {**env, **extra, MARKER: MARKER_VALUE}
-
-
-def end_all(*roots: subprocess.Popen | None) -> None:
-    """SIGTERM, 3 s of grace, SIGKILL: the roots and every marked process; then reaps the roots."""
-    victims = {p.pid: p for p in marked_processes()}
-    for root in filter(None, roots):
-        with contextlib.suppress(psutil.Error):
-            victims[root.pid] = psutil.Process(root.pid)
-    for action in ("terminate", "kill"):
-        for proc in victims.values():
-            with contextlib.suppress(psutil.Error):
-                getattr(proc, action)()
-        victims = {p.pid: p for p in psutil.wait_procs(list(victims.values()), timeout=3)[1]}
-    for root in filter(None, roots):
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            root.wait(timeout=3)
-
-
-def read_line(proc: subprocess.Popen, deadline: float) -> str:
-    """The child's next stdout line. Its lines come seconds apart, so bytes read past one newline
-    would be a protocol error; raises TimeoutError past the deadline."""
-    data, fd = b"", proc.stdout.fileno()
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while not data.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0 or not sel.select(timeout=left):
-                raise TimeoutError(f"no line from pid {proc.pid} before the deadline")
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                raise RuntimeError(f"pid {proc.pid} ended its output (exit code {proc.poll()})")
-            data += chunk
-    return data.decode()
 
 
 # ------------------------------------------------------------------------ 1. progress() cost
@@ -176,20 +137,30 @@ def step_seconds(instrumented: bool) -> tuple[float, float, float]:
 
 def figure_overhead(workdir: Path) -> list[tuple[bool, str]]:
     runs: dict[bool, list[tuple[float, ...]]] = {False: [], True: []}
-    monitor = Monitor(bind="127.0.0.1")  # in both variants: its idle thread costs both alike
+    # As under `hangkit rank`: the agent sends to its node's relay, a process of its own,
+    # which batches for a monitor in yet another process (watch's, or a notebook kernel's).
+    monitor = subprocess.Popen([sys.executable, str(PROGRAMS / "monitor_only.py")],
+                               stdout=subprocess.PIPE, env=job_env())
+    relay = None
     try:
+        hello = json.loads(read_line(monitor, time.monotonic() + 30))
+        relay, endpoint = start_relay(hello["address"], hello["key"], str(workdir), job_env())
         for r in range(-1, ROUNDS):  # round -1 warms up and is not kept
             for instrumented in ((False, True) if r % 2 else (True, False)):  # ABBA: drift cancels
                 if instrumented:  # the agent runs only around the instrumented loop
-                    start_agent(monitor.address, monitor.key, rank=0, world_size=1)
+                    start_agent(endpoint, hello["key"], rank=0, world_size=1)
                 time.sleep(0.2)  # past the agent's start and first beat: steady state only
                 timed = step_seconds(instrumented)
                 stop_agent()
                 if r >= 0:
                     runs[instrumented].append(timed)
+        monitor.terminate()  # it says what reached it
+        counts = json.loads(read_line(monitor, time.monotonic() + 30))
     finally:
         stop_agent()
-        monitor.close()
+        end_all(monitor, relay)
+    print(f"  the monitor received {counts['beats']} beats in {counts['batches']} batches from "
+          "the relay")
     pct = {}
     for i, clock in enumerate(CLOCKS):
         base, inst = (statistics.median(t[i] for t in runs[v]) for v in (False, True))

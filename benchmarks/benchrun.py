@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import selectors
+import subprocess
 import time
 import uuid
 
@@ -22,6 +24,45 @@ def marked_processes() -> list[psutil.Process]:
                     and proc.environ().get(MARKER) == MARKER_VALUE):
                 found.append(proc)
     return found
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """Our environment without any monitor's address, plus extra and the marker."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HANGKIT_MONITOR")}
+    return {**env, **extra, MARKER: MARKER_VALUE}
+
+
+def end_all(*roots: subprocess.Popen | None) -> None:
+    """SIGTERM, 3 s of grace, SIGKILL: the roots and every marked process; then reaps the roots."""
+    victims = {p.pid: p for p in marked_processes()}
+    for root in filter(None, roots):
+        with contextlib.suppress(psutil.Error):
+            victims[root.pid] = psutil.Process(root.pid)
+    for action in ("terminate", "kill"):
+        for proc in victims.values():
+            with contextlib.suppress(psutil.Error):
+                getattr(proc, action)()
+        victims = {p.pid: p for p in psutil.wait_procs(list(victims.values()), timeout=3)[1]}
+    for root in filter(None, roots):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            root.wait(timeout=3)
+
+
+def read_line(proc: subprocess.Popen, deadline: float) -> str:
+    """The child's next stdout line. Its lines come seconds apart, so bytes read past one newline
+    would be a protocol error; raises TimeoutError past the deadline."""
+    data, fd = b"", proc.stdout.fileno()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(timeout=left):
+                raise TimeoutError(f"no line from pid {proc.pid} before the deadline")
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                raise RuntimeError(f"pid {proc.pid} ended its output (exit code {proc.poll()})")
+            data += chunk
+    return data.decode()
 
 
 def load_line(extra: str = "") -> str:
@@ -73,3 +114,26 @@ def print_summary(results: list[tuple[str, bool]], started: float) -> None:
     for line, met in results:
         print(f"  [{'ok' if met else 'MISSED'}] {line}")
     print(f"  processes left behind: {', '.join(str(p.pid) for p in left) or 'none'}")
+
+
+def start_relay(address: str, key: str, workdir, env: dict) -> tuple:
+    """A real node relay (hangkit.shim.relay), as the first `hangkit rank` of a node starts
+    it, reporting to the monitor at `address`: (its Popen, the endpoint agents send to). It
+    ends with this process (its parent) or on SIGTERM."""
+    import fcntl
+    import sys
+
+    from hangkit.shim import relay_paths
+
+    endpoint, _ = relay_paths(key)
+    lock = os.path.join(workdir, "relay.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hangkit.shim.relay", endpoint, str(fd), lock,
+             str(os.getpid())], pass_fds=(fd,), env={**env, "HANGKIT_MONITOR": address,
+                                                     "HANGKIT_MONITOR_KEY": key})
+    finally:
+        os.close(fd)
+    return proc, endpoint

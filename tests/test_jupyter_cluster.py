@@ -29,12 +29,13 @@ def until(condition, timeout: float, what: str):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    os.environ["IPYTHONDIR"] = str(tmp_path_factory.mktemp("ipython"))
-    os.environ["HANGKIT_NONINTERACTIVE"] = "1"  # the dashboard prints text here
-    c = EngineCluster(4, start_timeout=60).start()
-    pids = [i["pid"] for i in c.engines.values()]
-    yield c
-    c.close()
+    with pytest.MonkeyPatch.context() as env:  # restored for the modules after this one
+        env.setenv("IPYTHONDIR", str(tmp_path_factory.mktemp("ipython")))
+        env.setenv("HANGKIT_NONINTERACTIVE", "1")  # the dashboard prints text here
+        c = EngineCluster(4, start_timeout=60).start()
+        pids = [i["pid"] for i in c.engines.values()]
+        yield c
+        c.close()
     gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)],
                                     timeout=10)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "engines left behind"

@@ -71,7 +71,8 @@ def widget_count() -> int:
 
 def test_every_state_has_its_own_colour_and_bar_style():
     assert set(COLOURS) == set(STATES) == {
-        "running", "busy", "idle", "waiting", "slow", "stalled", "dead", "errored", "finished"}
+        "running", "busy", "idle", "waiting", "slow", "stalled", "silent", "unreachable", "dead",
+        "errored", "finished"}
     assert len(set(COLOURS.values())) == len(COLOURS)
     assert all(c.startswith("#") and len(c) == 7 for c in COLOURS.values())
     assert set(BAR_STYLES) == set(STATES)

@@ -171,8 +171,9 @@ def read_until(proc: subprocess.Popen, marker: str, *, timeout: float) -> str:
 @pytest.mark.timeout(400)
 def test_engine_cluster_with_engines_on_two_nodes(nodes, tmp_path):
     program = str(PROGRAMS / "multinode_cluster.py")
+    # ipyparallel's profile on the shared filesystem, as $HOME/.ipython is on a cluster.
     done = nodes.run(0, [sys.executable, program, nodes.addresses[nodes.hosts[0]]],
-                     env=nodes.env(), timeout=360)
+                     env=nodes.env(IPYTHONDIR=str(tmp_path / "ipython")), timeout=360)
     assert done.returncode == 0, done.stderr[-4000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     hosts = {"0": "hknode0", "1": "hknode0", "2": "hknode1", "3": "hknode1"}

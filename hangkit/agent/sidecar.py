@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 INTERVAL = 1.0  # a beat at least this often
 TICK = 0.1  # how often the sidecar looks at the progress state, and its timing resolution
-MIN_GAP = 0.2  # a phase or collective change is published at once, but not more often
+MIN_GAP = 0.2  # a phase or collective held this long is published at once, not more often
 SEND_HWM = 8
 # A Flight Recorder dump takes milliseconds while the main thread waits; one that has not
 # returned by then (its symbolising fights a busy main thread for the GIL) is left behind.
@@ -67,8 +67,8 @@ class Agent:
         # Set once a beat has gone out: the monitor knows this rank from then on.
         self.reported = threading.Event()
         self._seen_calls = -1
-        self._seen_phase = object()
-        self._progress_at = self._phase_at = time.monotonic()
+        self._seen_phase = self._seen_collective = object()
+        self._progress_at = self._phase_at = self._collective_at = time.monotonic()
         self._sent_at = float("-inf")
         self._sent_phase = object()
         self._sent_collective = None
@@ -110,15 +110,20 @@ class Agent:
 
     def _look(self, now: float) -> None:
         s = beacon.state
-        changed_phase = s.phase != self._seen_phase
         if s.calls != self._seen_calls:
             self._seen_calls, self._progress_at = s.calls, now
-        if changed_phase:
+        if s.phase != self._seen_phase:
             self._seen_phase, self._phase_at = s.phase, now
+        if s.collective is not self._seen_collective:
+            self._seen_collective, self._collective_at = s.collective, now
         due = now - self._sent_at >= self.interval
         if not due and now - self._sent_at >= MIN_GAP:
-            # A new phase or collective is news: it is what a stalled rank is stuck in.
-            due = s.phase != self._sent_phase or s.collective is not self._sent_collective
+            # A new phase or collective the rank stays in is news: it is what a stalled rank
+            # is stuck in. One it passes through (every step of a fast loop) is not: the
+            # regular beat says where the loop is, and the rank is spared a beat per change.
+            due = (s.phase != self._sent_phase and now - self._phase_at >= MIN_GAP) or (
+                s.collective is not self._sent_collective
+                and now - self._collective_at >= MIN_GAP)
         if due:
             self._sent_at, self._sent_phase, self._sent_collective = now, s.phase, s.collective
             if self._send({"type": "beat", **self._beat(now).to_json()}):

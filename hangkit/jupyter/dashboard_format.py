@@ -113,7 +113,9 @@ def row_text(status: RankStatus, total: int) -> RowText:
         beat=f"beat {format_duration(status.beat_age)} ago",
         collective=collective_text(status),
         workers=tuple(render_workers(status.workers)),
-        error=status.error or "",
+        # How its process ended, as its shim saw it (`hangkit rank`): "was killed by signal 9".
+        error=status.error or (f"its process {status.exit}" if status.exit and
+                               status.status == RankState.DEAD else ""),
     )
 
 

@@ -14,7 +14,10 @@ from hangkit.text import who
 
 
 def rank_processes(processes: list[ProcessSnapshot]) -> list[ProcessSnapshot]:
-    return [p for p in processes if p.role == Role.RANK]
+    """The ranks' processes, by rank: nodes answer a capture in any order, and the tree and
+    the groups must read the same whatever it was."""
+    return sorted((p for p in processes if p.role == Role.RANK),
+                  key=lambda p: (p.rank is None, p.rank or 0, p.host or "", p.pid))
 
 
 def groups(processes: list[ProcessSnapshot]) -> list[StackGroup]:

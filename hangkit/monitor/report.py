@@ -113,6 +113,8 @@ def render_ranks(report: HangReport) -> list[str]:
             parts.append(f"straggler score {r.straggler_score:.1f}")
         if r.error:
             parts.append(f"error: {r.error}")
+        if r.exit:
+            parts.append(f"its process {r.exit}")
         lines.append(", ".join(parts) + f" (pid {r.pid} on {r.host})")
         lines += [f"    {w}" for w in render_workers(r.workers)]
     lines += [f"[{e.kind}] {e.summary}" for e in report.events]

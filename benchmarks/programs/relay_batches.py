@@ -1,0 +1,87 @@
+"""Many simulated node relays in one process, each on its own DEALER socket and signer, sending
+the monitor in $HANGKIT_MONITOR one batch a second, as hangkit.shim.relay does: the sender side
+of bench_multinode.py's monitor figure.
+
+Usage: python relay_batches.py FIRST_NODE NODES RANKS_PER_NODE WORLD_SIZE. Each batch holds one
+beat per rank of its node (every rank beats once a second) and its shims' records. Batches are
+spread evenly over each second. Runs until SIGTERM (or 120 s), then prints {"sent", "dropped"}
+as one JSON line.
+"""
+
+import json
+import random
+import signal
+import sys
+import time
+
+import zmq
+
+from hangkit.records import Beat, CollectiveState
+from hangkit.transport import Signer, monitor_from_environ
+
+
+def node_batch(node: int, per_node: int, world: int) -> dict:
+    host = f"x{3000 + node // 64}c0s{node % 64}b0n0"  # remote, as on a real cluster
+    beats, shims = [], []
+    for local in range(per_node):
+        rank = node * per_node + local
+        beat = Beat(pid=20000 + local, host=host, rank=rank, world_size=world, step=0,
+                    phase="forward", phase_seconds=0.05, calls=0, since_progress=0.01,
+                    fields={"loss": 2.5, "lr": 3e-4},
+                    collective=CollectiveState("torch", "world", "all_reduce", 0, False),
+                    dump_file=f"/tmp/hangkit-stacks-{rank}.txt", dump_signal=12,
+                    main_ident=140000000000000 + rank)
+        beats.append({"type": "beat", **beat.to_json()})
+        shims.append({"rank": rank, "local_rank": local, "shim_pid": 10000 + local,
+                      "pid": 20000 + local, "alive": True, "exit": None})
+    return {"type": "batch", "host": host, "relay_pid": 9999, "interval": 1.0, "beats": beats,
+            "shims": shims}
+
+
+def main() -> int:
+    first, count, per_node, world = map(int, sys.argv[1:5])
+    address, key = monitor_from_environ()
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, count + 64)
+    sockets, signers, batches = [], [], []
+    for node in range(first, first + count):
+        sock = ctx.socket(zmq.DEALER)
+        # The relay's own options (hangkit.shim.relay): never block, drop when the monitor lags.
+        for option, value in ((zmq.LINGER, 0), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, 16)):
+            sock.setsockopt(option, value)
+        sock.connect(address)
+        sockets.append(sock)
+        signers.append(Signer(key))
+        batches.append(node_batch(node, per_node, world))
+
+    sent = dropped = j = 0
+    start, deadline = time.monotonic(), time.monotonic() + 120
+    while not stopping and time.monotonic() < deadline:
+        while start + j / count <= time.monotonic():
+            i = j % count
+            m = batches[i]
+            for beat in m["beats"]:  # a second of training since the last batch
+                beat["step"] += 1
+                beat["calls"] += 6
+                beat["collective"]["seq"] += 1
+                beat["collective_seconds"] = round(
+                    beat["collective_seconds"] + random.uniform(0.1, 0.3), 3)
+                beat["sent_at"] = time.time()
+            try:
+                sockets[i].send_multipart(signers[i].frames(m), zmq.NOBLOCK)
+                sent += 1
+            except zmq.Again:
+                dropped += 1
+            j += 1
+        time.sleep(max(0.0, min(start + j / count - time.monotonic(), 0.05)))
+    for sock in sockets:
+        sock.close(linger=0)
+    ctx.term()
+    print(json.dumps({"sent": sent, "dropped": dropped}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
