@@ -111,8 +111,8 @@ def measure_all(figures, workdir, *, end) -> list[tuple[str, bool]]:
 def print_summary(results: list[tuple[str, bool]], started: float) -> None:
     left = marked_processes()
     print(f"\nsummary ({time.monotonic() - started:.0f} s):")
-    for line, met in results:
-        print(f"  [{'ok' if met else 'MISSED'}] {line}")
+    for line, met in results:  # met None: a figure with no goal of its own
+        print(f"  [{'info' if met is None else 'ok' if met else 'MISSED'}] {line}")
     print(f"  processes left behind: {', '.join(str(p.pid) for p in left) or 'none'}")
 
 

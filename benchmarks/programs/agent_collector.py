@@ -23,16 +23,23 @@ WATCH_TICK = 0.25  # hangkit.monitor.watch.TICK
 def main() -> int:
     ranks, window = int(sys.argv[1]), float(sys.argv[2])
     monitor = Monitor(bind="127.0.0.1")
-    # Beat-to-state latency: the sender's clock at send against ours at ingest (same machine).
-    # Patched on this instance only; list.append is atomic, so the threads need no lock for it.
+    # Send-to-receipt latency: the sender's clock at send against ours once a message is
+    # verified, just before it is taken in (same machine): for a beat its sent_at, for a
+    # relay's batch that of its rows. Patched on this instance only; list.append is atomic,
+    # so the threads need no lock for it.
     latencies: list[float] = []
-    ingest = monitor.collector.ingest
+    verify = monitor.verifier.open
 
-    def timed_ingest(message, now, identity=b""):
-        latencies.append(time.time() - message["sent_at"])
-        return ingest(message, now, identity)
+    def timed_open(frames):
+        message = verify(frames)
+        if message is not None and message.get("type") == "beat":
+            latencies.append(time.time() - message["sent_at"])
+        elif message is not None and message.get("type") == "batch" and message["rows"]:
+            sent_at = message["rows"][0][message["columns"].index("sent_at")]
+            latencies.extend([time.time() - sent_at] * len(message["rows"]))
+        return message
 
-    monitor.collector.ingest = timed_ingest
+    monitor.verifier.open = timed_open
     print(json.dumps({"address": monitor.address, "key": monitor.key}), flush=True)
 
     deadline = time.monotonic() + 60

@@ -3,9 +3,9 @@ the monitor in $HANGKIT_MONITOR one batch a second, as hangkit.shim.relay does: 
 of bench_multinode.py's monitor figure.
 
 Usage: python relay_batches.py FIRST_NODE NODES RANKS_PER_NODE WORLD_SIZE. Each batch holds one
-beat per rank of its node (every rank beats once a second) and its shims' records. Batches are
-spread evenly over each second. Runs until SIGTERM (or 120 s), then prints {"sent", "dropped"}
-as one JSON line.
+beat per rank of its node (every rank beats once a second), encoded as the relay encodes them
+(hangkit.batches). Batches are spread evenly over each second. Runs until SIGTERM (or 120 s),
+then prints {"sent", "dropped"} as one JSON line.
 """
 
 import json
@@ -16,11 +16,13 @@ import time
 
 import zmq
 
+from hangkit.batches import Encoder
 from hangkit.records import Beat, CollectiveState
 from hangkit.transport import Signer, monitor_from_environ
 
 
-def node_batch(node: int, per_node: int, world: int) -> dict:
+def node_beats(node: int, per_node: int, world: int) -> tuple[list[dict], list[dict], str]:
+    """(one beat per rank of the node, its shims' records, its host)."""
     host = f"x{3000 + node // 64}c0s{node % 64}b0n0"  # remote, as on a real cluster
     beats, shims = [], []
     for local in range(per_node):
@@ -34,8 +36,7 @@ def node_batch(node: int, per_node: int, world: int) -> dict:
         beats.append({"type": "beat", **beat.to_json()})
         shims.append({"rank": rank, "local_rank": local, "shim_pid": 10000 + local,
                       "pid": 20000 + local, "alive": True, "exit": None})
-    return {"type": "batch", "host": host, "relay_pid": 9999, "interval": 1.0, "beats": beats,
-            "shims": shims}
+    return beats, shims, host
 
 
 def main() -> int:
@@ -45,7 +46,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     ctx = zmq.Context()
     ctx.set(zmq.MAX_SOCKETS, count + 64)
-    sockets, signers, batches = [], [], []
+    sockets, signers, nodes = [], [], []
     for node in range(first, first + count):
         sock = ctx.socket(zmq.DEALER)
         # The relay's own options (hangkit.shim.relay): never block, drop when the monitor lags.
@@ -54,21 +55,24 @@ def main() -> int:
         sock.connect(address)
         sockets.append(sock)
         signers.append(Signer(key))
-        batches.append(node_batch(node, per_node, world))
+        nodes.append((Encoder(), *node_beats(node, per_node, world)))
 
     sent = dropped = j = 0
     start, deadline = time.monotonic(), time.monotonic() + 120
     while not stopping and time.monotonic() < deadline:
         while start + j / count <= time.monotonic():
             i = j % count
-            m = batches[i]
-            for beat in m["beats"]:  # a second of training since the last batch
+            encoder, beats, shims, host = nodes[i]
+            for beat in beats:  # a second of training since the last batch
                 beat["step"] += 1
                 beat["calls"] += 6
                 beat["collective"]["seq"] += 1
                 beat["collective_seconds"] = round(
                     beat["collective_seconds"] + random.uniform(0.1, 0.3), 3)
                 beat["sent_at"] = time.time()
+            # The relay's own encoding (hangkit.batches), beats held a random part of a second.
+            m = encoder.batch([(b, random.uniform(0.0, 1.0)) for b in beats], shims,
+                              host=host, relay_pid=9999, interval=1.0)
             try:
                 sockets[i].send_multipart(signers[i].frames(m), zmq.NOBLOCK)
                 sent += 1

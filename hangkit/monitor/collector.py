@@ -8,6 +8,7 @@ import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 
+from hangkit.batches import beats
 from hangkit.records import Beat, RankState, RankStatus
 
 # Step rates and work per step are measured over the beats of this many recent seconds.
@@ -85,6 +86,7 @@ def exit_text(code: int | None, signum: int | None) -> str:
 class Collector:
     def __init__(self):
         self.tracks: dict[str, Track] = {}
+        self._ordered: list[Track] | None = None  # the tracks by rank, for statuses()
         self.nodes: dict[str, Node] = {}
         self.world_size: int | None = None
         self.beats = 0
@@ -99,12 +101,19 @@ class Collector:
             node = self.nodes[host] = Node(host, identity, message.get("relay_pid"), now)
         node.last_heard, node.relay_pid = now, message.get("relay_pid")
         node.batches += 1
-        for beat in message.get("beats") or ():
-            track = self.ingest(beat, now, identity)
+
+        def last(key: str) -> Beat | None:
+            track = self.tracks.get(key)
+            return track.beat if track is not None and track.beat.host == host else None
+
+        for beat, bye in beats(message, last):
+            track = self._take(beat, bye, now, identity)
             if track is not None:
                 track.relayed = True
+        if "shims" not in message:  # unchanged since the last batch that carried them
+            return node
         node.shims = {}
-        for shim in message.get("shims") or ():
+        for shim in message["shims"] or ():
             key = f"rank {shim.get('rank')}" if shim.get("rank") is not None \
                 else f"pid {shim.get('pid')}"
             node.shims[key] = shim
@@ -125,6 +134,7 @@ class Collector:
         track = self.tracks.get(key)
         if track is None:
             track = self.tracks[key] = Track(key, beat, b"", now, now, relayed=True)
+            self._ordered = None
         if not track.finished:
             self._ended(track, message.get("code"), message.get("signal"))
         return track
@@ -144,16 +154,23 @@ class Collector:
         """A verified beat or goodbye. Returns the rank's track."""
         try:
             beat = Beat.from_json(message)
+        except (TypeError, ValueError):
+            return None  # signed but not a beat this version understands
+        return self._take(beat, message.get("type") == "bye", now, identity)
+
+    def _take(self, beat: Beat, bye: bool, now: float, identity: bytes) -> Track | None:
+        try:
             since = max(float(beat.since_progress), 0.0)
             float(beat.collective_seconds)
         except (TypeError, ValueError):
-            return None  # signed but not a beat this version understands
+            return None
         self.beats += 1
         key = key_of(beat)
         advanced_at = now - since
         track = self.tracks.get(key)
         if track is None or track.beat.pid != beat.pid:  # new, or the rank was restarted
             track = self.tracks[key] = Track(key, beat, identity, now, advanced_at)
+            self._ordered = None
         else:
             if beat.calls != track.beat.calls:
                 track.advanced_at = advanced_at
@@ -166,7 +183,7 @@ class Collector:
         track.history.append((now, beat.step, beat.collective_seconds))
         while now - track.history[0][0] > WINDOW:
             track.history.popleft()
-        if message.get("type") == "bye":
+        if bye:
             track.finished = True
         if beat.world_size:
             self.world_size = beat.world_size
@@ -194,8 +211,10 @@ class Collector:
         measured = {k: t.rate_and_work() for k, t in self.tracks.items()}
         scores = self.straggler_scores(measured)
         unheard = {n.host for n in self.silent_nodes(now, dead_after)}
+        if self._ordered is None or len(self._ordered) != len(self.tracks):
+            self._ordered = sorted(self.tracks.values(), key=_order)
         out = []
-        for track in sorted(self.tracks.values(), key=_order):
+        for track in self._ordered:
             beat = track.beat
             beat_age = now - track.last_beat
             since = now - track.advanced_at
@@ -212,9 +231,9 @@ class Collector:
                 phase_seconds=round(beat.phase_seconds + beat_age, 3),
                 since_progress=round(since, 3), beat_age=round(beat_age, 3),
                 step_rate=_round(measured[track.key][0]), collective=collective,
-                straggler_score=_round(scores.get(track.key)), fields=dict(beat.fields),
-                error=beat.error, workers=list(beat.workers), extra=dict(beat.extra),
-                exit=track.exit))
+                # The beat's own containers: a beat is replaced, never changed, once taken.
+                straggler_score=_round(scores.get(track.key)), fields=beat.fields,
+                error=beat.error, workers=beat.workers, extra=beat.extra, exit=track.exit))
         return out
 
     def straggler_scores(self, measured: dict[str, tuple]) -> dict[str, float]:

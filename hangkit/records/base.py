@@ -100,7 +100,10 @@ class Record:
         names = _FIELD_NAMES.get(cls)
         if names is None:
             names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls))
-        return {k: v for k, v in d.items() if k in names}
+        known = dict(d)
+        for k in d.keys() - names:  # usually none, or a message's own few ("type")
+            del known[k]
+        return known
 
 
 _FIELD_NAMES: dict[type, frozenset[str]] = {}

@@ -118,9 +118,12 @@ class Beat(Record):
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Beat:
+        # The monitor reads thousands a second: the nested records only where there are any.
         d = cls._known(d)
-        d["collective"] = CollectiveState.from_json(d.get("collective"))
-        d["workers"] = [WorkerState.from_json(w) for w in d.get("workers") or ()]
+        if d.get("collective") is not None:
+            d["collective"] = CollectiveState.from_json(d["collective"])
+        if d.get("workers"):
+            d["workers"] = [WorkerState.from_json(w) for w in d["workers"]]
         return cls(**d)
 
 
@@ -148,7 +151,8 @@ class RankStatus(Record):
     exit: str | None = None  # how its process ended, as its shim saw it: "exited with code 1"
 
     def __post_init__(self):
-        self.status = parse_enum(RankState, self.status, RankState.RUNNING)
+        if type(self.status) is not RankState:  # the monitor makes thousands a second
+            self.status = parse_enum(RankState, self.status, RankState.RUNNING)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RankStatus:

@@ -26,8 +26,8 @@ import sys
 import time
 
 from hangkit import deadline
+from hangkit.batches import Encoder, key_of
 from hangkit.procfs import pid_alive
-from hangkit.records import CollectiveState
 from hangkit.shim import MADE_MARK
 from hangkit.shim.gather import JOBS, Gather, Job
 from hangkit.transport import MONITOR_ADDRESS, MONITOR_KEY, Signer, Verifier
@@ -62,6 +62,7 @@ class Relay:
         self.up.connect(monitor)
         self._agents: dict[str, tuple[bytes, dict, float]] = {}  # key: (identity, beat, at)
         self._fresh: set[str] = set()  # agents whose latest beat has not gone up yet
+        self._encoder = Encoder()
         self._shims: dict[str, dict] = {}  # rank key: the shim's hello, with identity, exit
         self._routes: dict[int, tuple[Gather, str]] = {}
         self._ids = itertools.count(1)
@@ -137,15 +138,15 @@ class Relay:
     def _local_message(self, identity: bytes, m: dict) -> None:
         kind = m.get("type")
         if kind in AGENT_KINDS:
-            key = _key(m)
+            key = key_of(m)
             self._agents[key] = (identity, m, self.clock())
             self._fresh.add(key)
         elif kind == "hello":
-            key = _key(m)
+            key = key_of(m)
             self._shims[key] = {**m, "identity": identity, "exit": None}
             self._send_local(identity, {"type": "welcome"})
         elif kind == "exit":
-            key = _key(m)
+            key = key_of(m)
             if key in self._shims:
                 self._shims[key]["exit"] = {"code": m.get("code"), "signal": m.get("signal")}
             if self._fresh:  # the rank's last beats (its goodbye) before its exit
@@ -186,18 +187,18 @@ class Relay:
             self._routes.clear()
 
     def _batch(self, now: float) -> None:
-        beats = []
-        for key in sorted(self._fresh):
-            _, beat, at = self._agents[key]
-            beats.append(_aged(beat, now - at))
+        beats = [(self._agents[key][1], now - self._agents[key][2])
+                 for key in sorted(self._fresh)]
         self._fresh.clear()
         shims = []
         for s in self._shims.values():
             alive = s["exit"] is None and _alive(s.get("pid"))
             shims.append({k: s.get(k) for k in ("rank", "local_rank", "shim_pid", "pid")}
                          | {"alive": alive, "exit": s["exit"]})
-        self._send_up({"type": "batch", "host": self.host, "relay_pid": os.getpid(),
-                       "interval": INTERVAL, "beats": beats, "shims": shims})
+        batch = self._encoder.batch(beats, shims, host=self.host, relay_pid=os.getpid(),
+                                    interval=INTERVAL)
+        if not self._send_up(batch):
+            self._encoder.lost()
 
     def _finished(self) -> bool:
         """The shim that started us and every shim that said hello are gone (a short job's
@@ -211,11 +212,13 @@ class Relay:
             self.local.send_multipart([identity, *self.signer.frames(message)],
                                       self.zmq.NOBLOCK)
 
-    def _send_up(self, message: dict) -> None:
+    def _send_up(self, message: dict) -> bool:
         try:
             self.up.send_multipart(self.signer.frames(message), self.zmq.NOBLOCK)
+            return True
         except self.zmq.ZMQError:  # no monitor, or a slow one: this node's news is dropped
             self.dropped += 1
+            return False
 
 
 def with_source(reply: dict) -> dict:
@@ -245,23 +248,6 @@ def _lines(path: str) -> list[str]:
                              name=f"reading {path}")
     except deadline.DeadlineExceeded:
         return []
-
-
-def _key(m: dict) -> str:
-    return f"rank {m['rank']}" if m.get("rank") is not None else f"pid {m.get('pid')}"
-
-
-def _aged(beat: dict, held: float) -> dict:
-    """The beat as if sent now: the times it counts grow by how long it waited here."""
-    out = {k: v for k, v in beat.items() if k not in ("sender", "seq")}
-    for name in ("since_progress", "phase_seconds"):
-        if isinstance(out.get(name), int | float):
-            out[name] = round(out[name] + held, 3)
-    collective = CollectiveState.from_json(out.get("collective"))
-    if collective is not None and collective.inside:
-        collective.seconds = round(collective.seconds + held, 3)
-        out["collective"] = collective.to_json()
-    return out
 
 
 def _alive(pid) -> bool:
