@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -100,6 +101,10 @@ def figure_relayed_monitor(workdir: Path) -> list[tuple[bool, str]]:
         lat = sorted(w["latencies"])
         print(f"  {label}: {w['beats']:,} beats ingested in {w['wall']:.1f} s; batch-to-state "
               f"latency p50 {statistics.median(lat) * 1e3:.1f} ms, max {lat[-1] * 1e3:.1f} ms")
+        if name == "watch":
+            steps = result["steps"]
+            print(f"  stall detection: {len(steps)} passes in {w['wall']:.1f} s, median "
+                  f"{statistics.median(steps) * 1e3:.0f} ms (paced to 1 % of a core)")
         out.append(judged(f"{label}: CPU at {NODES} nodes x {PER_NODE} ranks x 1 Hz",
                           f"{w['cpu']:.1%} of a core", "< 10 %", w["cpu"] / 0.10,
                           w["cpu"] < 0.10))
@@ -177,7 +182,7 @@ def relay_cpu(workdir: Path) -> float:
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(endpoint)
-            beat = Beat(pid=20000 + rank, host="x4000c0s0b0n0", rank=rank, step=0,
+            beat = Beat(pid=20000 + rank, host=socket.gethostname(), rank=rank, step=0,
                         phase="forward", world_size=RELAY_AGENTS, sent_at=time.time())
             agents.append((sock, Signer(hello["key"]), {"type": "beat", **beat.to_json()}))
         proc = psutil.Process(relay.pid)

@@ -6,7 +6,9 @@ little else:
 - what never changes for a rank's process (its host, world size, faulthandler file and
   signal, main thread's id: STATIC_FIELDS) only when it changed, or every FULL_EVERY
   batches, so a monitor that missed one catches up;
-- the node's shims only when they changed, or every FULL_EVERY batches.
+- the node's shims, and the columns themselves, only when they changed, or every FULL_EVERY
+  batches;
+- a collective as a list of its values, in the order of COLLECTIVE_FIELDS.
 The monitor (monitor/collector.py) fills the statics of a row from the rank's last beat; a row
 of a rank it does not know yet waits for its statics. Stdlib only: the relay imports it.
 """
@@ -20,7 +22,8 @@ from hangkit.records import Beat, CollectiveState, WorkerState
 STATIC_FIELDS = ("host", "world_size", "dump_file", "dump_signal", "main_ident")
 COLUMNS = ("type",) + tuple(f.name for f in dataclasses.fields(Beat)
                             if f.name not in STATIC_FIELDS)
-FULL_EVERY = 10  # batches between two that carry every rank's statics and the shims
+COLLECTIVE_FIELDS = tuple(f.name for f in dataclasses.fields(CollectiveState))
+FULL_EVERY = 10  # batches between two that carry the columns, every rank's statics, the shims
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Beat))
 
 
@@ -45,13 +48,18 @@ class Encoder:
         rows, statics = [], {}
         for beat, held in beats:
             beat = aged(beat, held)
-            rows.append([beat.get(c) for c in COLUMNS])
+            row = [beat.get(c) for c in COLUMNS]
+            if isinstance(beat.get("collective"), dict):
+                row[_COLLECTIVE] = [beat["collective"].get(f) for f in COLLECTIVE_FIELDS]
+            rows.append(row)
             key, mine = key_of(beat), tuple(beat.get(s) for s in STATIC_FIELDS)
             # A new pid is a restarted rank: the monitor takes it from its statics only.
             if full or self._statics.get(key) != (mine, beat.get("pid")):
                 statics[key] = dict(zip(STATIC_FIELDS, mine))
                 self._statics[key] = (mine, beat.get("pid"))
-        out = {"type": "batch", **head, "columns": COLUMNS, "rows": rows, "statics": statics}
+        out = {"type": "batch", **head, "rows": rows, "statics": statics}
+        if full:
+            out["columns"] = COLUMNS
         if full or shims != self._shims:
             out["shims"] = self._shims = shims
         return out
@@ -60,6 +68,7 @@ class Encoder:
         """The last batch did not go out: the next one carries everything."""
         self._statics.clear()
         self._shims = None
+        self._count = 0
 
 
 def aged(beat: dict, held: float) -> dict:
@@ -76,13 +85,14 @@ def aged(beat: dict, held: float) -> dict:
     return out
 
 
-def beats(message: dict, last) -> list[tuple[Beat, bool]]:
-    """The monitor's side: each row of a batch as (its Beat, whether it is a goodbye). A row's
-    statics come from the batch, or from last(key), the rank's last Beat on this node (None
-    when unknown: the row waits for a batch that carries them). Thousands a second: columns
-    this version does not know are dropped once for the whole batch, and a row of a known
-    rank is its last beat with the row's values put in."""
-    columns, given = message.get("columns") or (), message.get("statics") or {}
+def beats(message: dict, last, columns=()) -> list[tuple[Beat, bool]]:
+    """The monitor's side: each row of a batch as (its Beat, whether it is a goodbye). The
+    columns are the batch's, else `columns` (the node's, from its last batch that had them).
+    A row's statics come from the batch, or from last(key), the rank's last Beat on this node
+    (None when unknown: the row waits for a batch that carries them). Thousands a second:
+    columns this version does not know are dropped once for the whole batch, and a row of a
+    known rank is its last beat with the row's values put in."""
+    columns, given = message.get("columns") or columns, message.get("statics") or {}
     known = [(i, c) for i, c in enumerate(columns) if c in _FIELDS]
     kind = columns.index("type") if "type" in columns else None
     out = []
@@ -98,7 +108,7 @@ def beats(message: dict, last) -> list[tuple[Beat, bool]]:
                 continue
             beat = Beat.__new__(Beat)  # its last beat, the row's values put in
             beat.__dict__ = {**before.__dict__, **values}
-        if isinstance(beat.collective, dict):
+        if beat.collective is not None:
             beat.collective = _collective(beat.collective)
         if beat.workers:
             beat.workers = [WorkerState.from_json(w) for w in beat.workers]
@@ -106,8 +116,12 @@ def beats(message: dict, last) -> list[tuple[Beat, bool]]:
     return out
 
 
-def _collective(d: dict) -> CollectiveState:
-    try:
-        return CollectiveState(**d)
-    except TypeError:  # a key this version does not know: the tolerant way
-        return CollectiveState.from_json(d)
+def _collective(value) -> CollectiveState | None:
+    """A row's collective: its values in COLLECTIVE_FIELDS order (a newer relay's extra ones
+    at the end are left out), or a dict."""
+    if isinstance(value, list):
+        return CollectiveState(*value[:len(COLLECTIVE_FIELDS)])
+    return CollectiveState.from_json(value)
+
+
+_COLLECTIVE = COLUMNS.index("collective")

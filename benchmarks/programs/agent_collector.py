@@ -15,9 +15,11 @@ import time
 
 import psutil
 
+from hangkit.batches import COLUMNS
 from hangkit.monitor.server import Monitor
 
 WATCH_TICK = 0.25  # hangkit.monitor.watch.TICK
+SENT_AT = COLUMNS.index("sent_at")  # in a relay's rows
 
 
 def main() -> int:
@@ -35,7 +37,7 @@ def main() -> int:
         if message is not None and message.get("type") == "beat":
             latencies.append(time.time() - message["sent_at"])
         elif message is not None and message.get("type") == "batch" and message["rows"]:
-            sent_at = message["rows"][0][message["columns"].index("sent_at")]
+            sent_at = message["rows"][0][SENT_AT]
             latencies.extend([time.time() - sent_at] * len(message["rows"]))
         return message
 

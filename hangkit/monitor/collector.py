@@ -61,6 +61,7 @@ class Node:
     last_heard: float
     shims: dict[str, dict] = field(default_factory=dict)  # rank key: the relay's shim record
     batches: int = 0
+    columns: list[str] = field(default_factory=list)  # of its batches' rows, as last sent
 
     def ranks(self) -> list[int]:
         return sorted(s["rank"] for s in self.shims.values() if isinstance(s.get("rank"), int))
@@ -106,7 +107,9 @@ class Collector:
             track = self.tracks.get(key)
             return track.beat if track is not None and track.beat.host == host else None
 
-        for beat, bye in beats(message, last):
+        if message.get("columns"):
+            node.columns = list(message["columns"])
+        for beat, bye in beats(message, last, node.columns):
             track = self._take(beat, bye, now, identity)
             if track is not None:
                 track.relayed = True
