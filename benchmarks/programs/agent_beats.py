@@ -5,16 +5,12 @@ Usage: python agent_beats.py FIRST_RANK COUNT WORLD_SIZE. Beats are spread evenl
 second. Runs until SIGTERM (or 120 s), then prints {"sent", "dropped"} as one JSON line.
 """
 
-import json
-import random
-import signal
 import sys
-import time
 
-import zmq
+from senders import advance, send_evenly, sockets
 
 from hangkit.records import Beat, CollectiveState
-from hangkit.transport import Signer, monitor_from_environ
+from hangkit.transport import monitor_from_environ
 
 RANKS_PER_NODE = 4  # Polaris: 4 GPUs a node
 
@@ -22,19 +18,9 @@ RANKS_PER_NODE = 4  # Polaris: 4 GPUs a node
 def main() -> int:
     first, count, world = map(int, sys.argv[1:4])
     address, key = monitor_from_environ()
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    ctx = zmq.Context()
-    ctx.set(zmq.MAX_SOCKETS, count + 64)  # the default (1023) is below one process's share
-    sockets, signers, messages = [], [], []
+    ctx, socks, signers = sockets(address, key, count, hwm=8)  # the agent's own high-water mark
+    messages = []
     for rank in range(first, first + count):
-        sock = ctx.socket(zmq.DEALER)
-        # The agent's own options (hangkit.agent.sidecar): never block, drop when full.
-        for option, value in ((zmq.LINGER, 0), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, 8)):
-            sock.setsockopt(option, value)
-        sock.connect(address)
-        sockets.append(sock)
-        signers.append(Signer(key))
         # Remote hosts, as on a real cluster: the monitor checks liveness of local pids only.
         node = rank // RANKS_PER_NODE
         host = f"x{3000 + node // 64}c0s{node % 64}b0n0"
@@ -46,30 +32,11 @@ def main() -> int:
                     main_ident=140000000000000 + rank)
         messages.append({"type": "beat", **beat.to_json()})
 
-    sent = dropped = j = 0
-    start, deadline = time.monotonic(), time.monotonic() + 120
-    while not stopping and time.monotonic() < deadline:
-        # Send j goes to rank j % count at start + j / count: each rank once a second, evenly.
-        while start + j / count <= time.monotonic():
-            i = j % count
-            m = messages[i]
-            m["step"] += 1
-            m["calls"] += 6
-            m["collective"]["seq"] += 1
-            # Time in collectives varies between ranks, as the straggler scores expect.
-            m["collective_seconds"] = round(m["collective_seconds"] + random.uniform(0.1, 0.3), 3)
-            m["sent_at"] = time.time()
-            try:
-                sockets[i].send_multipart(signers[i].frames(m), zmq.NOBLOCK)
-                sent += 1
-            except zmq.Again:  # not connected yet, or the monitor is behind: the agent drops too
-                dropped += 1
-            j += 1
-        time.sleep(max(0.0, min(start + j / count - time.monotonic(), 0.05)))
-    for sock in sockets:
-        sock.close(linger=0)
-    ctx.term()
-    print(json.dumps({"sent": sent, "dropped": dropped}), flush=True)
+    def message(i: int) -> dict:
+        advance(messages[i])
+        return messages[i]
+
+    send_evenly(ctx, socks, signers, message)
     return 0
 
 

@@ -8,17 +8,14 @@ beat per rank of its node (every rank beats once a second), encoded as the relay
 then prints {"sent", "dropped"} as one JSON line.
 """
 
-import json
 import random
-import signal
 import sys
-import time
 
-import zmq
+from senders import advance, send_evenly, sockets
 
 from hangkit.batches import Encoder
 from hangkit.records import Beat, CollectiveState
-from hangkit.transport import Signer, monitor_from_environ
+from hangkit.transport import monitor_from_environ
 
 
 def node_beats(node: int, per_node: int, world: int) -> tuple[list[dict], list[dict], str]:
@@ -42,48 +39,19 @@ def node_beats(node: int, per_node: int, world: int) -> tuple[list[dict], list[d
 def main() -> int:
     first, count, per_node, world = map(int, sys.argv[1:5])
     address, key = monitor_from_environ()
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    ctx = zmq.Context()
-    ctx.set(zmq.MAX_SOCKETS, count + 64)
-    sockets, signers, nodes = [], [], []
-    for node in range(first, first + count):
-        sock = ctx.socket(zmq.DEALER)
-        # The relay's own options (hangkit.shim.relay): never block, drop when the monitor lags.
-        for option, value in ((zmq.LINGER, 0), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, 16)):
-            sock.setsockopt(option, value)
-        sock.connect(address)
-        sockets.append(sock)
-        signers.append(Signer(key))
-        nodes.append((Encoder(), *node_beats(node, per_node, world)))
+    ctx, socks, signers = sockets(address, key, count, hwm=16)  # the relay's own
+    nodes = [(Encoder(), *node_beats(node, per_node, world))
+             for node in range(first, first + count)]
 
-    sent = dropped = j = 0
-    start, deadline = time.monotonic(), time.monotonic() + 120
-    while not stopping and time.monotonic() < deadline:
-        while start + j / count <= time.monotonic():
-            i = j % count
-            encoder, beats, shims, host = nodes[i]
-            for beat in beats:  # a second of training since the last batch
-                beat["step"] += 1
-                beat["calls"] += 6
-                beat["collective"]["seq"] += 1
-                beat["collective_seconds"] = round(
-                    beat["collective_seconds"] + random.uniform(0.1, 0.3), 3)
-                beat["sent_at"] = time.time()
-            # The relay's own encoding (hangkit.batches), beats held a random part of a second.
-            m = encoder.batch([(b, random.uniform(0.0, 1.0)) for b in beats], shims,
-                              host=host, relay_pid=9999, interval=1.0)
-            try:
-                sockets[i].send_multipart(signers[i].frames(m), zmq.NOBLOCK)
-                sent += 1
-            except zmq.Again:
-                dropped += 1
-            j += 1
-        time.sleep(max(0.0, min(start + j / count - time.monotonic(), 0.05)))
-    for sock in sockets:
-        sock.close(linger=0)
-    ctx.term()
-    print(json.dumps({"sent": sent, "dropped": dropped}), flush=True)
+    def message(i: int) -> dict:
+        encoder, beats, shims, host = nodes[i]
+        for beat in beats:
+            advance(beat)
+        # The relay's own encoding (hangkit.batches), beats held a random part of a second.
+        return encoder.batch([(b, random.uniform(0.0, 1.0)) for b in beats], shims,
+                             host=host, relay_pid=9999, interval=1.0)
+
+    send_evenly(ctx, socks, signers, message)
     return 0
 
 
