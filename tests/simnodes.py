@@ -55,6 +55,7 @@ __all__ = ["SIMNODES", "SIMSSH", "SimulatedNodes", "SimNodesError", "namespaces_
            "nodes", "wait_for"]
 
 SIMNODES = Path(__file__).parent / "programs" / "simnodes"
+REPOSITORY = Path(__file__).resolve().parent.parent
 SIMSSH = SIMNODES / "simssh"
 _START_TIMEOUT = 60.0  # seconds for a node's daemon to say it is ready, on a loaded machine
 _CLOSE_TIMEOUT = 30.0  # seconds for the kernel to empty the namespaces after SIGKILL
@@ -235,7 +236,7 @@ class SimulatedNodes:
                 # unshare ignores SIGTERM; if SIGKILL ends it (conftest.py's cleanup), the
                 # kernel kills the node's PID 1, and so the node, with it
                 "--kill-child=SIGKILL",
-                "sh", str(SIMNODES / "node.sh"), host, str(hosts_file), str(self.shared),
+                "bash", str(SIMNODES / "node.sh"), host, str(hosts_file), ":".join(self._kept()),
                 sys.executable, str(SIMNODES / "noded.py"),
                 "--listen-fd", str(sock.fileno()), "--token-file", str(self.token_file)]
         with open(log, "wb") as log_file:
@@ -245,6 +246,22 @@ class SimulatedNodes:
                                         stderr=log_file, env=self.env(), cwd="/",
                                         pass_fds=[sock.fileno()])
         return _Node(host, self.addresses[host], launcher, log)
+
+    def _kept(self) -> list[str]:
+        """What every node must still see under its own /tmp: the shared directory, and this
+        repository, hangkit's and the interpreter running it where they lie under /tmp (a
+        checkout in a temporary directory, as CI's may be), each once."""
+        import hangkit  # installed from which source tree (an editable install's)
+
+        wanted = [REPOSITORY, Path(hangkit.__file__).parent.parent, Path(sys.prefix),
+                  Path(sys.base_prefix), Path(os.path.realpath(sys.executable)).parent.parent]
+        kept: list[Path] = []
+        for path in (p.resolve() for p in wanted):
+            if path.is_relative_to("/tmp") and path != Path("/tmp") and not any(
+                    path.is_relative_to(k) for k in kept):
+                kept = [k for k in kept if not k.is_relative_to(path)] + [path]
+        # The shared directory first, always: the daemons start in it.
+        return [str(self.shared)] + [str(k) for k in kept if k != self.shared]
 
     def _wait_ready(self, node: _Node, deadline: float) -> None:
         """Until the daemon prints "ready" (it listens, the node's mounts are made)."""

@@ -131,7 +131,6 @@ class Shim:
         self.child, self.env, self.relay_pid = child, env, relay_pid
         self.code: int | None = None  # the rank's exit code once it ended (-N: signal N)
         self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # the wakeup fd says it
         for s in FORWARDED:
