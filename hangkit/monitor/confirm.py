@@ -126,7 +126,10 @@ class Confirmation:
                 sig = signature(thread)
                 if sig is not None:
                     sampled[who].append(sig)
-                    latest[who] = thread
+                    # Importing in any sample says what it does (start-up: NH-01) better
+                    # than wherever the last sample caught it between two imports.
+                    if who not in latest or not _importing(latest[who]):
+                        latest[who] = thread
         captured = time.monotonic()
         job = capture_job(monitor, ranks, pids)
         self.snapshots, self.nodes = job.snapshots, job.nodes
@@ -216,10 +219,14 @@ def _doing(thread: ThreadStack | None, snapshot: ProcessSnapshot) -> str:
     where its main thread stands."""
     if thread is None:
         return main_location(snapshot)
-    if any("importlib._bootstrap" in f.file or bare_name(f) == "_find_and_load"
-           for f in thread.frames):
+    if _importing(thread):
         inner = innermost_python_frame(ThreadStack(0, None, [
             f for f in thread.frames if "importlib" not in f.file]))
         return f"importing ({short_path(inner.file)})" if inner else "importing"
     inner = innermost_python_frame(thread)
     return frame_text(inner) if inner else main_location(snapshot)
+
+
+def _importing(thread: ThreadStack) -> bool:
+    return any("importlib._bootstrap" in f.file or bare_name(f) == "_find_and_load"
+               for f in thread.frames)
