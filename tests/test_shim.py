@@ -116,6 +116,29 @@ def test_under_watch_a_killed_rank_is_reported_and_nothing_is_left(tmp_path):
     assert not left, left  # conftest's check covers the processes, the relay's among them
 
 
+@pytest.mark.timeout(180)
+def test_a_killed_relays_socket_and_lock_are_removed_by_its_shim(tmp_path):
+    """SIGKILL leaves the relay no chance to remove its files; the shim that started it sees it
+    die and removes them, so a node's /tmp does not fill with them job after job."""
+    program = tmp_path / "kill_relay.py"
+    program.write_text(
+        "import psutil\n"
+        "shim = psutil.Process().parent()\n"
+        "relays = [p for p in shim.children() if 'hangkit.shim.relay' in ' '.join(p.cmdline())]\n"
+        "assert len(relays) == 1, relays\n"
+        "relays[0].kill()\n"
+        "relays[0].wait(30)\n"
+        "print('killed', flush=True)\n")
+    before = set(Path("/tmp").glob("hk-*"))
+    done = subprocess.run([*HANGKIT, "watch", "--timeout", "60", "--", *HANGKIT, "rank", "--",
+                           sys.executable, str(program)],
+                          capture_output=True, text=True, timeout=150, cwd=tmp_path)
+    assert done.returncode == 0 and "killed" in done.stdout, done.stderr[-3000:]
+    left = [p for p in set(Path("/tmp").glob("hk-*")) - before if p.suffix in (".relay",
+                                                                               ".lock")]
+    assert not left, left
+
+
 def test_a_relay_path_is_short_and_per_job_and_node():
     endpoint, lock = relay_paths("key-a", "x3004c0s7b0n0")
     assert endpoint.startswith("ipc:///tmp/hk-") and len(endpoint) < 60

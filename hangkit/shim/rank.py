@@ -190,6 +190,16 @@ class Shim:
                 return
             if pid == self.child:
                 self.code = os.waitstatus_to_exitcode(status)
+            elif pid == self.relay_pid and os.WIFSIGNALED(status):
+                self._remove_relay_files()
+
+    def _remove_relay_files(self) -> None:
+        """A relay killed by a signal could not remove its socket and lock; its lock is free now,
+        so they are nobody's. (The TMPDIR stays: the node's ranks may still be using it.)"""
+        found = monitor_from_environ(self.env)
+        for path in relay_paths(found[1]) if found else ():
+            with contextlib.suppress(OSError):
+                os.unlink(path.removeprefix("ipc://"))
 
     def _hello(self) -> dict:
         return {"type": "hello", "rank": self.rank, "local_rank": local_rank_from_environ(

@@ -43,13 +43,13 @@ REPLY_KINDS = ("stacks", "recording", "captured", "sampled", "signalled", "ended
 
 class Relay:
     def __init__(self, endpoint: str, monitor: str, key: str, *, host: str | None = None,
-                 parent: int | None = None, lock_path: str | None = None,
+                 parent: int | None = None,
                  clock=time.monotonic):
         import zmq
 
         self.zmq, self.clock = zmq, clock
         self.host = host or socket.gethostname()
-        self.endpoint, self.parent, self.lock_path = endpoint, parent, lock_path
+        self.endpoint, self.parent = endpoint, parent
         self.signer, self.verifier = Signer(key), Verifier(key)
         self.up_verifier = Verifier(key)
         self.ctx = zmq.Context()
@@ -114,12 +114,6 @@ class Relay:
                 self._step_jobs()
         finally:
             self.ctx.destroy(linger=0)
-            for path in (self.endpoint.removeprefix("ipc://"), self.lock_path):
-                with contextlib.suppress(OSError, TypeError):
-                    os.unlink(path)  # while the lock is still ours: no other relay took it
-            tmpdir = os.environ.get("TMPDIR")
-            if tmpdir and os.path.exists(os.path.join(tmpdir, MADE_MARK)):
-                shutil.rmtree(tmpdir, ignore_errors=True)  # a shim made it: the node's ranks
 
     def _receive_local(self) -> None:
         zmq = self.zmq
@@ -259,17 +253,31 @@ def main(argv: list[str] | None = None) -> int:
     rank.py. SIGTERM (the job ending) ends it cleanly: its socket and lock file go too."""
     endpoint, lock_fd, lock_path, parent = (argv if argv is not None else sys.argv[1:])[:4]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    monitor, key = os.environ.get(MONITOR_ADDRESS), os.environ.get(MONITOR_KEY)
-    if not monitor or not key:
-        return 2
-    os.set_inheritable(int(lock_fd), False)  # held by us alone: the node's one relay
     try:
-        relay = Relay(endpoint, monitor, key, parent=int(parent), lock_path=lock_path)
-    except Exception as e:  # a socket that cannot be bound: the node goes unobserved, said once
-        print(f"hangkit: the node relay did not start ({type(e).__name__}: {e}); this node's "
-              "ranks are not observed", file=sys.stderr)
-        return 1
-    return relay.run()
+        monitor, key = os.environ.get(MONITOR_ADDRESS), os.environ.get(MONITOR_KEY)
+        if not monitor or not key:
+            return 2
+        os.set_inheritable(int(lock_fd), False)  # held by us alone: the node's one relay
+        try:
+            relay = Relay(endpoint, monitor, key, parent=int(parent))
+        except Exception as e:  # a socket that cannot be bound: the node goes unobserved
+            print(f"hangkit: the node relay did not start ({type(e).__name__}: {e}); this "
+                  "node's ranks are not observed", file=sys.stderr)
+            return 1
+        return relay.run()
+    finally:
+        _remove_node_files(endpoint, lock_path)
+
+
+def _remove_node_files(endpoint: str, lock_path: str) -> None:
+    """Whichever way the relay ends (done, SIGTERM, even during start-up): its socket, its lock
+    and a TMPDIR that a shim made for the node's ranks go with it."""
+    for path in (endpoint.removeprefix("ipc://"), lock_path):
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while the lock is still ours: no other relay took it
+    tmpdir = os.environ.get("TMPDIR")
+    if tmpdir and os.path.exists(os.path.join(tmpdir, MADE_MARK)):
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,15 @@ another, each doing a little work at import, as a rank importing torch on a load
 
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 import time
 
 seconds = float(sys.argv[1])
 print("started", flush=True)
-modules = tempfile.mkdtemp(prefix="hk-busy-")
+# In the working directory (the test's tmp_path), so a run that watch ends leaves nothing in /tmp.
+modules = tempfile.mkdtemp(prefix="hk-busy-", dir=os.getcwd())
 sys.path.insert(0, modules)
 ends = time.monotonic() + seconds
 n = 0
@@ -22,4 +24,5 @@ while time.monotonic() < ends:
                 "    pass\n")
     importlib.import_module(name)
     n += 1
+shutil.rmtree(modules)
 print(f"imported {n} modules", flush=True)
