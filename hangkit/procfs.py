@@ -148,3 +148,45 @@ def _read_c_string(pid: int, address: int, limit: int = 4096) -> str | None:
     except (OSError, OverflowError, ValueError):
         return None
     return raw.split(b"\0", 1)[0].decode(errors="replace") or None
+
+
+SHARED_MEMORY = "/dev/shm/"
+
+
+def shared_memory_files(pid: int) -> set[str]:
+    """The named files under /dev/shm that a process has mapped or open (not those it already
+    unlinked): MPICH's, NCCL's and torch's segments. Empty when it is gone or unreadable."""
+    found = set()
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/maps", encoding="utf-8",
+                                            errors="replace") as maps:
+        for line in maps:
+            at = line.find(SHARED_MEMORY)
+            if at >= 0 and not line.rstrip().endswith("(deleted)"):
+                found.add(line[at:].rstrip("\n"))
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith(SHARED_MEMORY) and not target.endswith(" (deleted)"):
+                    found.add(target)
+    return found
+
+
+def remove_unheld_shared_memory(paths: set[str]) -> list[str]:
+    """Removes those of these /dev/shm files that no process of this machine (this PID
+    namespace) holds any more; returns them. For the segments of processes that were killed:
+    MPICH removes its segment in MPI_Finalize, which a killed rank never reaches, and /dev/shm
+    is memory, so a node that ends hung jobs one after another fills it (and DataLoaders then
+    die of a bus error, DL-03)."""
+    if not paths:
+        return []
+    held = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            held |= shared_memory_files(int(name))
+    removed = []
+    for path in sorted(paths - held):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            removed.append(path)
+    return removed

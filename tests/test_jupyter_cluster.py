@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -91,6 +92,7 @@ def test_doctor_runs_from_the_engines_and_gives_probe_results(cluster):
 
 
 def test_ip01_a_rank_raises_while_the_others_wait_and_the_call_returns(cluster):
+    left = set(Path("/dev/shm").glob("mpich_shm_*")) | set(Path("/tmp").glob("hk-*.relay"))
     live = cluster.dashboard(interval=0.5)
     started = time.monotonic()
     task = cluster.apply(hang_raise_then_barrier, 2)
@@ -116,6 +118,10 @@ def test_ip01_a_rank_raises_while_the_others_wait_and_the_call_returns(cluster):
     assert [s.status for s in cluster.monitor.statuses()] == ["idle"] * 4
     assert cluster.apply(os.getpid).wait(30)
     cluster.close()
+    # The killed engines could not remove their MPI shared memory: the cluster did. Their
+    # relay removed its socket.
+    assert not (set(Path("/dev/shm").glob("mpich_shm_*"))
+                | set(Path("/tmp").glob("hk-*.relay"))) - left
 
 
 def test_ip03_engines_that_never_register_fail_within_the_deadline(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ sockets (DL-06); and the pure summary for the combinations a machine here cannot
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 from conftest import limited_doctor
@@ -22,7 +23,10 @@ needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
 
 @needs_torch
 def test_all_four_combinations_carry_tensors_both_ways():
+    before = set(Path("/dev/shm").glob("torch_*"))
     [r] = run_doctor(["torch_multiprocessing"], timeout=30)  # on a loaded machine too
+    # The probe leaves /dev/shm as it found it (file_system's segments are named files).
+    assert not set(Path("/dev/shm").glob("torch_*")) - before
     assert r.status == "ok", r
     tries = r.data["tries"]
     assert set(tries) == COMBINATIONS

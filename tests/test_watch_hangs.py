@@ -60,6 +60,22 @@ def test_processes_ignoring_sigterm_or_leaving_the_session_are_killed(run_watch)
     assert_all_gone(pids)
 
 
+def left_by_mpi() -> set[Path]:
+    """MPICH's shared memory and hydra's topology files: a killed rank or proxy leaves them."""
+    return set(Path("/dev/shm").glob("mpich_shm_*")) | set(Path("/tmp").glob("hydra_hwloc_*"))
+
+
+def test_mpi_ranks_ignoring_sigterm_are_killed_before_their_launchers_and_leave_nothing(
+        run_watch):
+    before = left_by_mpi()
+    run = run_watch([mpiexec(), "-n", "2", *program("mpi_ignores_sigterm.py")],
+                    options=["--timeout", "2", "--grace", "1"], timeout=120)
+    assert run.returncode == HANG, run.err
+    assert "with SIGKILL" in run.err and "removed the shared memory" in run.err, run.err
+    assert not left_by_mpi() - before
+    assert_all_gone([p["pid"] for p in run.report["processes"]])
+
+
 def test_report_files_are_private_and_secrets_redacted(run_watch, tmp_path):
     # PBS itself cannot run here: its variables and node file are set by hand.
     nodefile = tmp_path / "nodefile"
@@ -113,6 +129,7 @@ def test_dl01_worker_stuck_in_getitem(run_watch):
 
 
 def test_mpi_barrier_with_a_rank_elsewhere(run_watch):
+    before = left_by_mpi()
     run = run_watch([mpiexec(), "-n", "4", *program("mp02_barrier_skip.py")],
                     options=["--timeout", "2", "--grace", "2"], timeout=90)
     assert run.returncode == HANG, run.err
@@ -129,6 +146,7 @@ def test_mpi_barrier_with_a_rank_elsewhere(run_watch):
     assert "mp02_barrier_skip.py" in first["location"]
     assert "[rank 2] evaluate_on_rank_2" in run.err
     assert_all_gone([p["pid"] for p in report["processes"]])
+    assert not left_by_mpi() - before  # the ranks' segment went with them
 
 
 def test_gloo_all_reduce_with_a_rank_elsewhere(run_watch):

@@ -35,6 +35,7 @@ from typing import Any
 from hangkit import deadline
 from hangkit.agent import engine
 from hangkit.errors import HangkitError, UsageError
+from hangkit.procfs import remove_unheld_shared_memory, shared_memory_files
 from hangkit.records import Diagnosis, ProbeResult, TreeNode
 from hangkit.text import ranks_phrase
 
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 60.0  # seconds for the controller and every engine to register
 CALL_TIMEOUT = 30.0  # seconds for a short call on every engine (info, agent start)
 OUTPUT_LINES = 40  # lines of the engines' own output in a start error
+# Seconds for mpiexec, hydra's proxies, the shims and the relay to end by themselves at close,
+# once the engines are killed (the relay notices its shims gone within a second).
+LAUNCHERS_END_WAIT = 5.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -146,6 +150,7 @@ class EngineCluster:
         self.cells: list = []  # the %%hk cells run on it (magic.CellRun), oldest first
         self._executed = 0  # cells execute()d so far
         self._processes: list = []  # psutil.Process of all the cluster started
+        self._shared: set[str] = set()  # the /dev/shm files they hold once started
 
     # -- starting and stopping --------------------------------------------------------------
 
@@ -166,6 +171,9 @@ class EngineCluster:
         except BaseException:
             self.close()
             raise
+        # The engines' MPI shared memory, mapped by now: engines that are killed (interrupt's
+        # escalation, close) cannot remove it, so close() does.
+        self._shared = set().union(*(shared_memory_files(p.pid) for p in self._launched()))
         return self
 
     def _start_engines(self) -> None:
@@ -249,11 +257,21 @@ class EngineCluster:
                 self.client.close()
             self.client = None
         if self._ipp is not None:
+            import psutil
+
+            from hangkit.monitor.terminate import ends_by_itself
+
             launched = self._launched()
             self._kill_engines()  # first: a rank stuck in C ignores the SIGTERM of stop
+            # mpiexec, hydra's proxies, the shims and the relay then end by themselves,
+            # cleaning up as they go (hydra's file in /tmp, the relay's socket); stopping the
+            # cluster at once would SIGKILL some of them first.
+            psutil.wait_procs([p for p in launched if ends_by_itself(p)],
+                              timeout=LAUNCHERS_END_WAIT)
             with contextlib.suppress(Exception):
                 self._ipp.stop_cluster_sync()
             _end(launched)
+            remove_unheld_shared_memory(self._shared)
             self._ipp = None
         if self.monitor is not None:
             self.monitor.close()

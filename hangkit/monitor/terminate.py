@@ -1,7 +1,9 @@
-"""Ending every process of a job: SIGTERM, a grace period, then SIGKILL for what is left."""
+"""Ending every process of a job: SIGTERM, a grace period, then SIGKILL for what is left, and
+the shared memory its killed processes could not remove."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -10,18 +12,28 @@ from dataclasses import dataclass, field
 import psutil
 
 from hangkit.monitor.jobtree import JobTree
+from hangkit.procfs import remove_unheld_shared_memory, shared_memory_files
+from hangkit.shim import is_helper
 
 # After SIGKILL the kernel needs a moment to take processes down; this bounds that wait.
 KILL_WAIT_SECONDS = 5.0
+# After their ranks are killed, launchers that clean up after them get this long to do so and
+# exit by themselves (hydra removes its topology file from /tmp, a shim reports the exit).
+LAUNCHER_WAIT_SECONDS = 2.0
+# Launchers that end by themselves once their children are gone, cleaning up as they go.
+_SELF_ENDING = frozenset({"mpiexec", "mpirun", "mpiexec.hydra", "hydra_pmi_proxy",
+                          "hydra_bstrap_proxy"})
 NODE_END_MARGIN = 10.0  # seconds past the grace for a node's relay to say what it ended
 _RESCANS = 5
 
 
 @dataclass
 class EndResult:
-    terminated: list[int] = field(default_factory=list)  # ended by SIGTERM
+    # Ended without SIGKILL: by SIGTERM, or (launchers) by themselves once their ranks were killed
+    terminated: list[int] = field(default_factory=list)
     killed: list[int] = field(default_factory=list)  # needed SIGKILL
     survivors: list[int] = field(default_factory=list)  # still there after everything
+    removed: list[str] = field(default_factory=list)  # shared memory left by killed processes
 
 
 def end_job(tree: JobTree, *, grace: float, clock=time.monotonic) -> EndResult:
@@ -32,6 +44,7 @@ def end_job(tree: JobTree, *, grace: float, clock=time.monotonic) -> EndResult:
     """
     result = EndResult()
     procs = _alive(tree.processes())
+    shared = set().union(*(shared_memory_files(p.pid) for p in procs))
     termed: set[int] = set()
     deadline = clock() + grace
     while procs:
@@ -42,6 +55,14 @@ def end_job(tree: JobTree, *, grace: float, clock=time.monotonic) -> EndResult:
         gone, procs = psutil.wait_procs(procs, timeout=min(0.2, max(deadline - clock(), 0)))
         result.terminated += [p.pid for p in gone]
         procs = _alive(procs + tree.processes())
+    # Ranks and workers first: SIGKILLed, the launchers above them would leave their own files.
+    procs = _alive(procs + tree.processes())
+    leaves = {p.pid for p in procs if not ends_by_itself(p)}
+    if leaves and len(leaves) < len(procs):
+        _signal_all([p for p in procs if p.pid in leaves], signal.SIGKILL)
+        gone, procs = psutil.wait_procs(procs, timeout=LAUNCHER_WAIT_SECONDS)
+        result.killed += [p.pid for p in gone if p.pid in leaves]
+        result.terminated += [p.pid for p in gone if p.pid not in leaves]
     for _ in range(_RESCANS):
         procs = _alive(procs + tree.processes())
         if not procs:
@@ -51,7 +72,17 @@ def end_job(tree: JobTree, *, grace: float, clock=time.monotonic) -> EndResult:
         result.killed += [p.pid for p in gone if p.pid not in result.killed]
     result.survivors = [p.pid for p in _alive(procs + tree.processes())]
     _reap_orphans(tree)
+    result.removed = remove_unheld_shared_memory(shared)
     return result
+
+
+def ends_by_itself(proc: psutil.Process) -> bool:
+    """mpiexec, hydra's proxies, and hangkit's shims and relays: gone once their ranks are."""
+    try:
+        cmdline = proc.cmdline()
+    except psutil.Error:
+        return False
+    return bool(cmdline) and (os.path.basename(cmdline[0]) in _SELF_ENDING or is_helper(cmdline))
 
 
 def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:

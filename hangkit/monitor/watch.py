@@ -392,6 +392,8 @@ class _Watcher:
         if result.killed:
             line += f", {len(result.killed)} with SIGKILL ({', '.join(map(str, result.killed))})"
         say(line)
+        if result.removed:
+            say(f"removed the shared memory the ended processes left: {', '.join(result.removed)}")
         if result.survivors:
             say(f"WARNING: could not end: {', '.join(map(str, result.survivors))}")
 

@@ -85,6 +85,16 @@ child.join(timeout=1.0)
 if child.is_alive():
     child.kill()
     child.join(1.0)
+# file_system's segments outlive a killed child, and the torch_shm_manager that would remove
+# them ends with this process: remove this try's own (named torch_<pid>_...), leaving /dev/shm
+# as it was.
+import glob, os
+for pid in (os.getpid(), child.pid):
+    for path in glob.glob(f"/dev/shm/torch_{pid}_*"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 """.replace("__MARKER__", repr(MARKER))
 
 # Error lines worth quoting from a sub-child's stderr (its queue threads' tracebacks).

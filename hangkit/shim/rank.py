@@ -246,7 +246,9 @@ class Shim:
         if self.code is None and tree.rank_code is not None:
             self.code = tree.rank_code  # psutil reaped the rank while waiting for it to end
         return (f"{len(result.terminated)} ended by SIGTERM, {len(result.killed)} by SIGKILL"
-                + (f", {len(result.survivors)} still there" if result.survivors else ""))
+                + (f", {len(result.survivors)} still there" if result.survivors else "")
+                + (f", removed {len(result.removed)} file(s) from /dev/shm" if result.removed
+                   else ""))
 
     def _exited(self) -> int:
         code = self.code
