@@ -27,6 +27,7 @@ from hangkit.records import (
     Activity,
     Diagnosis,
     Look,
+    ProcessLook,
     ProcessSnapshot,
     ProcessState,
     Role,
@@ -93,7 +94,7 @@ def from_looks(looks: list[Look]) -> list[Diagnosis]:
     for p in looks[-1].processes:
         if p.activity != Activity.LOOPING or not p.deciding:
             continue
-        stacks = list(dict.fromkeys(p.stacks))
+        stacks = _places_it_returns_to(p, looks)
         who = p.label
         shown = ", ".join(stacks[:4]) + (f" and {len(stacks) - 4} more" if len(stacks) > 4 else "")
         cpu = f" at {p.cpu_percent:.0f}% CPU" if p.cpu_percent is not None else ""
@@ -104,6 +105,17 @@ def from_looks(looks: list[Look]) -> list[Diagnosis]:
             advice=ADVICE["looping"], ranks=[p.rank] if p.rank is not None else [],
             pids=[p.pid]))
     return found
+
+
+def _places_it_returns_to(process: ProcessLook, looks: list[Look]) -> list[str]:
+    """The places a looping process goes round, over every look at this silence: one look's
+    few samples may all catch it in the same one (a retry loop that mostly backs off), and the
+    places it passed through once before it started looping are left out."""
+    seen = [s for look in looks for q in look.processes
+            if (q.pid, q.rank, q.role) == (process.pid, process.rank, process.role)
+            for s in q.stacks]
+    recurring = {s for s in seen if seen.count(s) > 1}
+    return list(dict.fromkeys(s for s in seen if s in recurring or s in process.stacks))
 
 
 def from_events(events: list[StallEvent]) -> list[Diagnosis]:
