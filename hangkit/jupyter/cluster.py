@@ -265,9 +265,13 @@ class EngineCluster:
             self._kill_engines()  # first: a rank stuck in C ignores the SIGTERM of stop
             # mpiexec, hydra's proxies, the shims and the relay then end by themselves,
             # cleaning up as they go (hydra's file in /tmp, the relay's socket); stopping the
-            # cluster at once would SIGKILL some of them first.
-            psutil.wait_procs([p for p in launched if ends_by_itself(p)],
-                              timeout=LAUNCHERS_END_WAIT)
+            # cluster at once would SIGKILL some of them first. Those still there (a relay
+            # still answering a request) get SIGTERM, on which they clean up too.
+            _, still = psutil.wait_procs([p for p in launched if ends_by_itself(p)],
+                                         timeout=LAUNCHERS_END_WAIT)
+            for p in still:
+                with contextlib.suppress(psutil.Error):
+                    p.terminate()
             with contextlib.suppress(Exception):
                 self._ipp.stop_cluster_sync()
             _end(launched)
