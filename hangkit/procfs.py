@@ -13,6 +13,7 @@ import contextlib
 import os
 import platform
 import stat
+from collections.abc import Iterable
 
 from hangkit import deadline
 from hangkit.records import Syscall
@@ -153,22 +154,24 @@ def _read_c_string(pid: int, address: int, limit: int = 4096) -> str | None:
 SHARED_MEMORY = "/dev/shm/"
 
 
-def shared_memory_files(pid: int) -> set[str]:
-    """The named files under /dev/shm that a process has mapped or open (not those it already
-    unlinked): MPICH's, NCCL's and torch's segments. Empty when it is gone or unreadable."""
+def shared_memory_files(pids: Iterable[int]) -> set[str]:
+    """The named files under /dev/shm that these processes have mapped or open (not those
+    they already unlinked): MPICH's, NCCL's and torch's segments. A process that is gone or
+    unreadable holds none."""
     found = set()
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/maps", encoding="utf-8",
-                                            errors="replace") as maps:
-        for line in maps:
-            at = line.find(SHARED_MEMORY)
-            if at >= 0 and not line.rstrip().endswith("(deleted)"):
-                found.add(line[at:].rstrip("\n"))
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith(SHARED_MEMORY) and not target.endswith(" (deleted)"):
-                    found.add(target)
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps", encoding="utf-8",
+                                                errors="replace") as maps:
+            for line in maps:
+                at = line.find(SHARED_MEMORY)
+                if at >= 0 and not line.rstrip().endswith("(deleted)"):
+                    found.add(line[at:].rstrip("\n"))
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith(SHARED_MEMORY) and not target.endswith(" (deleted)"):
+                        found.add(target)
     return found
 
 
@@ -180,10 +183,7 @@ def remove_unheld_shared_memory(paths: set[str]) -> list[str]:
     die of a bus error, DL-03)."""
     if not paths:
         return []
-    held = set()
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            held |= shared_memory_files(int(name))
+    held = shared_memory_files(int(name) for name in os.listdir("/proc") if name.isdigit())
     removed = []
     for path in sorted(paths - held):
         with contextlib.suppress(OSError):

@@ -173,7 +173,7 @@ class EngineCluster:
             raise
         # The engines' MPI shared memory, mapped by now: engines that are killed (interrupt's
         # escalation, close) cannot remove it, so close() does.
-        self._shared = set().union(*(shared_memory_files(p.pid) for p in self._launched()))
+        self._shared = shared_memory_files(p.pid for p in self._launched())
         return self
 
     def _start_engines(self) -> None:
@@ -259,7 +259,7 @@ class EngineCluster:
         if self._ipp is not None:
             import psutil
 
-            from hangkit.monitor.terminate import ends_by_itself
+            from hangkit.monitor.terminate import process_ends_by_itself
 
             launched = self._launched()
             self._kill_engines()  # first: a rank stuck in C ignores the SIGTERM of stop
@@ -267,7 +267,7 @@ class EngineCluster:
             # cleaning up as they go (hydra's file in /tmp, the relay's socket); stopping the
             # cluster at once would SIGKILL some of them first. Those still there (a relay
             # still answering a request) get SIGTERM, on which they clean up too.
-            _, still = psutil.wait_procs([p for p in launched if ends_by_itself(p)],
+            _, still = psutil.wait_procs([p for p in launched if process_ends_by_itself(p)],
                                          timeout=LAUNCHERS_END_WAIT)
             for p in still:
                 with contextlib.suppress(psutil.Error):

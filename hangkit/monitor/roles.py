@@ -8,10 +8,13 @@ from hangkit.monitor.stacks import bare_name
 from hangkit.records import ProcessSnapshot, Role
 from hangkit.shim import is_helper
 
+# mpiexec and hydra's proxies: they end by themselves once their ranks are gone, cleaning up
+# as they go (hydra's topology file in /tmp), so ending a job kills them after their ranks.
+SELF_ENDING_NAMES = frozenset({"mpiexec", "mpirun", "mpiexec.hydra", "hydra_pmi_proxy",
+                               "hydra_bstrap_proxy"})
 # mpiexec and its helpers, schedulers' launchers, and the shells and wrappers between them.
-LAUNCHER_NAMES = frozenset({
-    "mpiexec", "mpirun", "mpiexec.hydra", "mpiexec.gforker", "hydra_pmi_proxy",
-    "hydra_bstrap_proxy", "srun", "aprun", "palsd", "pals_launcher", "orted", "prted", "prterun",
+LAUNCHER_NAMES = SELF_ENDING_NAMES | frozenset({
+    "mpiexec.gforker", "srun", "aprun", "palsd", "pals_launcher", "orted", "prted", "prterun",
     "ssh", "rsh",  # how hydra reaches other nodes
     "torchrun", "bash", "sh", "dash", "zsh", "ksh", "tcsh", "csh", "env", "timeout", "stdbuf",
     "nohup", "time", "numactl", "taskset", "setsid",
@@ -31,6 +34,12 @@ def is_launcher(cmdline: list[str]) -> bool:
         rest = " ".join(cmdline[1:3])
         return any(m in rest for m in _PYTHON_LAUNCHER_MODULES)
     return False
+
+
+def ends_by_itself(cmdline: list[str]) -> bool:
+    """mpiexec, hydra's proxies, and hangkit's shims and relays: gone once their ranks are."""
+    return bool(cmdline) and (os.path.basename(cmdline[0]) in SELF_ENDING_NAMES
+                              or is_helper(cmdline))
 
 
 def is_dataloader_worker(snapshot: ProcessSnapshot) -> bool:

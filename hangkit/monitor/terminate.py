@@ -3,7 +3,6 @@ the shared memory its killed processes could not remove."""
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -12,17 +11,14 @@ from dataclasses import dataclass, field
 import psutil
 
 from hangkit.monitor.jobtree import JobTree
+from hangkit.monitor.roles import ends_by_itself
 from hangkit.procfs import remove_unheld_shared_memory, shared_memory_files
-from hangkit.shim import is_helper
 
 # After SIGKILL the kernel needs a moment to take processes down; this bounds that wait.
 KILL_WAIT_SECONDS = 5.0
 # After their ranks are killed, launchers that clean up after them get this long to do so and
 # exit by themselves (hydra removes its topology file from /tmp, a shim reports the exit).
 LAUNCHER_WAIT_SECONDS = 2.0
-# Launchers that end by themselves once their children are gone, cleaning up as they go.
-_SELF_ENDING = frozenset({"mpiexec", "mpirun", "mpiexec.hydra", "hydra_pmi_proxy",
-                          "hydra_bstrap_proxy"})
 NODE_END_MARGIN = 10.0  # seconds past the grace for a node's relay to say what it ended
 _RESCANS = 5
 
@@ -44,7 +40,7 @@ def end_job(tree: JobTree, *, grace: float, clock=time.monotonic) -> EndResult:
     """
     result = EndResult()
     procs = _alive(tree.processes())
-    shared = set().union(*(shared_memory_files(p.pid) for p in procs))
+    shared = shared_memory_files(p.pid for p in procs)
     termed: set[int] = set()
     deadline = clock() + grace
     while procs:
@@ -57,7 +53,7 @@ def end_job(tree: JobTree, *, grace: float, clock=time.monotonic) -> EndResult:
         procs = _alive(procs + tree.processes())
     # Ranks and workers first: SIGKILLed, the launchers above them would leave their own files.
     procs = _alive(procs + tree.processes())
-    leaves = {p.pid for p in procs if not ends_by_itself(p)}
+    leaves = {p.pid for p in procs if not process_ends_by_itself(p)}
     if leaves and len(leaves) < len(procs):
         _signal_all([p for p in procs if p.pid in leaves], signal.SIGKILL)
         gone, procs = psutil.wait_procs(procs, timeout=LAUNCHER_WAIT_SECONDS)
@@ -76,13 +72,12 @@ def end_job(tree: JobTree, *, grace: float, clock=time.monotonic) -> EndResult:
     return result
 
 
-def ends_by_itself(proc: psutil.Process) -> bool:
-    """mpiexec, hydra's proxies, and hangkit's shims and relays: gone once their ranks are."""
+def process_ends_by_itself(proc: psutil.Process) -> bool:
+    """roles.ends_by_itself for a process (False once it is gone)."""
     try:
-        cmdline = proc.cmdline()
+        return ends_by_itself(proc.cmdline())
     except psutil.Error:
         return False
-    return bool(cmdline) and (os.path.basename(cmdline[0]) in _SELF_ENDING or is_helper(cmdline))
 
 
 def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:

@@ -196,10 +196,11 @@ class Shim:
     def _remove_relay_files(self) -> None:
         """A relay killed by a signal could not remove its socket and lock; its lock is free now,
         so they are nobody's. (The TMPDIR stays: the node's ranks may still be using it.)"""
+        from hangkit.shim.relay import remove_relay_files
+
         found = monitor_from_environ(self.env)
-        for path in relay_paths(found[1]) if found else ():
-            with contextlib.suppress(OSError):
-                os.unlink(path.removeprefix("ipc://"))
+        if found is not None:
+            remove_relay_files(*relay_paths(found[1]))
 
     def _hello(self) -> dict:
         return {"type": "hello", "rank": self.rank, "local_rank": local_rank_from_environ(

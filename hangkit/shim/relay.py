@@ -266,18 +266,20 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return relay.run()
     finally:
-        _remove_node_files(endpoint, lock_path)
+        # Whichever way it ends (done, SIGTERM, even during start-up), while the lock is still
+        # ours: its socket and lock, and a TMPDIR that a shim made for the node's ranks.
+        remove_relay_files(endpoint, lock_path)
+        tmpdir = os.environ.get("TMPDIR")
+        if tmpdir and os.path.exists(os.path.join(tmpdir, MADE_MARK)):
+            shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _remove_node_files(endpoint: str, lock_path: str) -> None:
-    """Whichever way the relay ends (done, SIGTERM, even during start-up): its socket, its lock
-    and a TMPDIR that a shim made for the node's ranks go with it."""
+def remove_relay_files(endpoint: str, lock_path: str) -> None:
+    """A relay's socket and lock file: by the relay as it ends, or by the shim that started it
+    when it was killed by a signal."""
     for path in (endpoint.removeprefix("ipc://"), lock_path):
         with contextlib.suppress(OSError):
-            os.unlink(path)  # while the lock is still ours: no other relay took it
-    tmpdir = os.environ.get("TMPDIR")
-    if tmpdir and os.path.exists(os.path.join(tmpdir, MADE_MARK)):
-        shutil.rmtree(tmpdir, ignore_errors=True)
+            os.unlink(path)
 
 
 if __name__ == "__main__":
