@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turn torch's Flight Recorder on for the ranks (TORCH_FR_BUFFER_SIZE), "
                    "unless already set, so the report holds every rank's collectives "
                    "(default: on)")
+    w.add_argument("--inject", action=argparse.BooleanOptionalAction, default=True,
+                   help="start hangkit's agent in every rank of the command, with no change to "
+                   "its code (a sitecustomize on a private PYTHONPATH entry), so plain scripts "
+                   "report their stacks, collectives and Flight Recorder dumps (default: on)")
     w.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
 
     rk = sub.add_parser("rank", help="run one rank of a job as its shim: the parent that "
@@ -179,7 +183,7 @@ def _watch(args) -> int:
                               progress_timeout=args.progress_timeout, bind=args.bind,
                               startup_timeout=args.startup_timeout,
                               max_silence=args.max_silence,
-                              flight_recorder=args.flight_recorder))
+                              flight_recorder=args.flight_recorder, inject=args.inject))
 
 
 def _doctor(args) -> int:

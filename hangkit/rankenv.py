@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-# Variables that carry a process's rank, in the order launchers are checked.
-RANK_VARIABLES = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "PALS_RANKID", "RANK")
-SIZE_VARIABLES = ("PMI_SIZE", "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE", "PALS_SIZE", "WORLD_SIZE")
-# A process's rank on its own node (which GPU it takes).
-LOCAL_RANK_VARIABLES = ("PALS_LOCAL_RANKID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK",
-                        "LOCAL_RANK")
+# The variables' names live in bootstrap.py, which every process of a watched job runs.
+from hangkit.bootstrap import LOCAL_RANK_VARIABLES, RANK_VARIABLES, SIZE_VARIABLES
+
+__all__ = ["LOCAL_RANK_VARIABLES", "RANK_VARIABLES", "SIZE_VARIABLES", "local_rank_from_environ",
+           "rank_from_environ", "world_size_from_environ"]
 
 
 def _first_int(env: dict[str, str] | None, names: tuple[str, ...]) -> int | None:

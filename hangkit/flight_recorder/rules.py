@@ -204,5 +204,6 @@ def missing_reason(p: ProcessSnapshot | None) -> str:
         return "it exited"
     if p.stacks_from == "faulthandler":
         return "its agent did not answer: its main thread holds the GIL"
-    return ("no hangkit agent reported from it: call hangkit.progress() in the training "
-            "loop")
+    if p.no_agent:
+        return f"it had no hangkit agent: {p.no_agent}"
+    return "no hangkit agent reported from it"

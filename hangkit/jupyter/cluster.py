@@ -131,7 +131,8 @@ class EngineCluster:
 
     def __init__(self, n: int = 4, *, start_timeout: float = START_TIMEOUT,
                  bind: str | None = None, mpiexec: str | None = None,
-                 environ: dict[str, str] | None = None, flight_recorder: bool = True):
+                 environ: dict[str, str] | None = None, flight_recorder: bool = True,
+                 inject: bool = True):
         if n < 1:
             raise UsageError(f"n must be at least 1 engine, got {n}")
         if not start_timeout > 0 or math.isinf(start_timeout):
@@ -141,6 +142,7 @@ class EngineCluster:
         self.bind, self.mpiexec = bind, mpiexec
         self.environ = dict(os.environ if environ is None else environ)
         self.flight_recorder = flight_recorder
+        self.inject = inject
         self.monitor = None
         self.client = None
         self.engines: dict[int, dict] = {}  # rank -> engine.info()
@@ -180,7 +182,9 @@ class EngineCluster:
         import ipyparallel as ipp
         from traitlets.config import Config
 
+        from hangkit.bootstrap import INJECT_VARIABLE
         from hangkit.flight_recorder.environment import recorder_environment
+        from hangkit.inject import INJECT_OFF, INJECT_ON
         from hangkit.launcher import find_mpiexec, mpiexec_command
 
         config = Config()
@@ -196,6 +200,9 @@ class EngineCluster:
             "ipyparallel.engine"]
         # The engines' collectives, for stacks() and the dashboard (or none, when turned off).
         wanted = recorder_environment(self.environ, on=self.flight_recorder)[0]
+        # Every Python process the engines start (a cell's torchrun, its ranks) gets an agent
+        # with no change to its code: each engine's shim makes the hook (hangkit/inject.py).
+        wanted[INJECT_VARIABLE] = INJECT_ON if self.inject else INJECT_OFF
         config.MPIEngineSetLauncher.environment = {
             **{k: v for k, v in wanted.items() if self.environ.get(k) != v},
             **self.monitor.environment()}  # for the shims, which start the relays

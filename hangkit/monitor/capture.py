@@ -19,6 +19,7 @@ import psutil
 
 from hangkit import deadline, pyspy
 from hangkit.agent.sidecar import RECORDING_SECONDS
+from hangkit.inject import no_agent_note
 from hangkit.monitor.agentstacks import gather
 from hangkit.monitor.roles import FETCH_FILE, assign_roles, is_launcher
 from hangkit.procfs import blocked_syscall, kernel_state, read_environ, runs_python
@@ -74,12 +75,13 @@ def capture_job(monitor, ranks: list[RankStatus], pids: list[int]) -> JobCapture
         lambda: monitor.request_recordings(answering, timeout=RECORDING_TIMEOUT),
         timeout=RECORDING_TIMEOUT + 1.0, name="flight recorder dumps") if answering else None
     local = {a.pid: (a.threads, a.source) for a in found.values() if a.host == monitor.host}
-    snapshots = capture([p for p in pids if p not in covered], known=local)
+    # A rank's agent knows its number from the process group where its launcher's variables
+    # do not say it (Lightning's spawned ranks), or where the process is already gone.
     ranks_by_pid = {r.pid: r.rank for r in ranks if r.host == monitor.host}
+    snapshots = capture([p for p in pids if p not in covered], known=local,
+                        agent_ranks=ranks_by_pid)
     for s in snapshots:
         s.host = monitor.host
-        if s.rank is None:  # e.g. a rank already gone: its environment is unreadable
-            s.rank = ranks_by_pid.get(s.pid)
     for a in found.values():
         if a.host != monitor.host:
             snapshots.append(ProcessSnapshot(
@@ -196,13 +198,14 @@ class _Pending:
 
 
 def capture(pids: list[int], *, known: dict[int, tuple[list[ThreadStack], str]] | None = None,
-            sample_interval: float = 0.5, timeout: float = 10.0,
-            clock=time.monotonic) -> list[ProcessSnapshot]:
+            agent_ranks: dict[int, int | None] | None = None, sample_interval: float = 0.5,
+            timeout: float = 10.0, clock=time.monotonic) -> list[ProcessSnapshot]:
     """Snapshots of pids. Never raises for a process that vanishes or cannot be read.
 
     `known` holds stacks already had from a rank's agent, {pid: (threads, "agent" or
     "faulthandler")}: those processes are not dumped with py-spy again, but still sampled for
-    CPU and syscall.
+    CPU and syscall. `agent_ranks` holds the ranks the agents reported, {pid: rank}: they
+    stand over the launcher's variables (an agent reads its process group).
     """
     known = known or {}
     deadline = clock() + timeout
@@ -232,8 +235,14 @@ def capture(pids: list[int], *, known: dict[int, tuple[list[ThreadStack], str]] 
             if result.gone:
                 p.snapshot.state = ProcessState.EXITED
     snapshots = [p.snapshot for p in pending]
-    ranks = {p.snapshot.pid: p.snapshot.rank for p in pending}
+    for s in snapshots:
+        reported = (agent_ranks or {}).get(s.pid)
+        s.rank = reported if reported is not None else s.rank
+    ranks = {s.pid: s.rank for s in snapshots}
     assign_roles(snapshots, ranks)
+    for s in snapshots:
+        if s.role != Role.RANK or s.stacks_from in STACK_SOURCES:
+            s.no_agent = None
     _read_worker_indices(snapshots, timeout=max(deadline - clock(), 0.1))
     return snapshots
 
@@ -263,7 +272,9 @@ def _start(pid: int) -> _Pending:
             snap.ppid = proc.ppid()
             snap.cmdline = proc.cmdline()
             times = proc.cpu_times()
-        snap.rank = rank_from_environ(read_environ(pid))
+        env = read_environ(pid)
+        snap.rank = rank_from_environ(env)
+        snap.no_agent = no_agent_note(pid, env)  # kept for ranks without an agent's stacks
         snap.session_id = _session(pid)
         return _Pending(snap, proc, times.user + times.system)
     except psutil.NoSuchProcess:

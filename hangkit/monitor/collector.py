@@ -171,6 +171,12 @@ class Collector:
         key = key_of(beat)
         advanced_at = now - since
         track = self.tracks.get(key)
+        if track is None and beat.rank is not None:
+            # A process whose agent started before it knew its rank (Lightning's spawned
+            # ranks learn theirs from the process group) is one track, now numbered.
+            unnumbered = self.tracks.get(f"pid {beat.pid}")
+            if unnumbered is not None and unnumbered.beat.host == beat.host:
+                del self.tracks[unnumbered.key]
         if track is None or track.beat.pid != beat.pid:  # new, or the rank was restarted
             track = self.tracks[key] = Track(key, beat, identity, now, advanced_at)
             self._ordered = None
@@ -191,6 +197,9 @@ class Collector:
         if beat.world_size:
             self.world_size = beat.world_size
         return track
+
+    def progress_reported(self) -> bool:
+        return any(t.beat.calls for t in self.tracks.values())
 
     def step_intervals(self) -> list[float]:
         """The recent seconds between step changes, every rank's (beats arrive about once a
@@ -290,7 +299,7 @@ def _status(track: Track, now: float, beat_age: float, since: float, score: floa
         return RankState.SILENT if track.alive else RankState.DEAD
     if track.beat.phase == IDLE_PHASE:
         return RankState.IDLE
-    if since >= stall_after:
+    if since >= stall_after and track.beat.calls:
         seen = track.progressing_at
         # A look saw it progressing since it last advanced: busy, until that is stall_after
         # old, when it is judged again (a look, or the stall it then is).
@@ -301,6 +310,11 @@ def _status(track: Track, now: float, beat_age: float, since: float, score: floa
         return RankState.WAITING if inside else RankState.STALLED
     if score is not None and score >= slow_score:
         return RankState.SLOW
+    # A rank that never called progress() (a plain script's injected agent): nothing is known
+    # of its advance, only whether it is inside a collective.
+    collective = track.beat.collective
+    if not track.beat.calls and collective is not None and collective.inside:
+        return RankState.WAITING
     return RankState.RUNNING
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+from hangkit import inject
 from hangkit.launcher import nodefile_hosts
 from hangkit.redact import redact_environ
 
@@ -14,7 +15,8 @@ _HANG_ENV_NAMES = ("TMPDIR", "OMP_NUM_THREADS", "PYTHONUNBUFFERED", "CUDA_VISIBL
 
 
 def job_context(env: dict[str, str]) -> dict:
-    context: dict = {"host": socket.gethostname(), "cwd": os.getcwd()}
+    context: dict = {"host": socket.gethostname(), "cwd": os.getcwd(),
+                     "agents": inject.described(env)}
     if "PBS_JOBID" in env:
         context["pbs_jobid"] = env["PBS_JOBID"]
         hosts = _nodefile_hosts(env.get("PBS_NODEFILE"))

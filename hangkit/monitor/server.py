@@ -110,6 +110,12 @@ class Monitor:
         with self.lock:
             return self.detector.statuses(self.clock() if now is None else now)
 
+    def progress_reported(self) -> bool:
+        """Whether any rank called hangkit.progress(): an agent injected into a plain script
+        beats from its start, which says the rank is alive, not that it advanced."""
+        with self.lock:
+            return self.collector.progress_reported()
+
     def active_events(self) -> list[StallEvent]:
         with self.lock:
             return list(self.detector.active.values())

@@ -113,8 +113,11 @@ class StallDetector:
         # Dead ranks are reported by _dead; here they only explain why the others wait.
         # An idle rank (an engine between cells) waits by intent: it is never stopped. A rank
         # on a node gone silent is not known to have stopped: _unheard says so.
+        # A rank that never called progress() (a plain script's injected agent) says nothing
+        # of its advance: its silence is judged by output and looks, never here.
         live = [r for r in ranks if not r.status.ended
-                and r.status not in (RankState.IDLE, RankState.UNREACHABLE)]
+                and r.status not in (RankState.IDLE, RankState.UNREACHABLE)
+                and self.collector.tracks[r.key].beat.calls]
         dead = [r for r in ranks if r.status == RankState.DEAD]
         # A busy rank (silent, but a look saw it progressing) has not stopped: while one is,
         # the others wait for it, and that is no stall yet.

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from hangkit.envsetup import hang_safe_environment
 from hangkit.errors import UsageError, check_positive_seconds, check_seconds_or_zero
 from hangkit.flight_recorder.environment import recorder_environment
+from hangkit.inject import inject_environment, remove_hook
 from hangkit.monitor.jobtree import MARKER_VARIABLE, JobTree, become_subreaper
 from hangkit.monitor.output import OutputTail, write_all
 from hangkit.monitor.server import Monitor
@@ -65,6 +66,7 @@ class WatchOptions:
     # times the timeout, and never less than the start-up timeout while it applies).
     max_silence: float | None = None
     flight_recorder: bool = True  # turn torch's Flight Recorder on, unless the user set it
+    inject: bool = True  # an agent in every rank, with no change to its code (hangkit/inject.py)
 
     @property
     def ceiling(self) -> float:
@@ -118,6 +120,7 @@ def watch(opts: WatchOptions) -> int:
     env, changes = recorder_environment(env, on=opts.flight_recorder)
     for change in changes:
         say(f"set {change}")
+    env, hook = inject_environment(env, on=opts.inject, watcher=os.getpid())
     marker = uuid.uuid4().hex
     env[MARKER_VARIABLE] = marker
     auto = opts.progress_timeout == AUTO
@@ -144,6 +147,7 @@ def watch(opts: WatchOptions) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
         monitor.close()
+        remove_hook(hook)
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -160,7 +164,7 @@ class _Watcher:
         self.tail = OutputTail()
         self.started_at = time.time()
         self.last_output = time.monotonic()
-        self.started = False  # the job's first output, or a rank's first beat
+        self.started = False  # the job's first output, or a rank's first progress()
         self.next_look = opts.startup_timeout  # seconds of silence at which to look next
         # The looks at the current silence ("output") and at the current progress stall
         # ("progress"), once there are any: output ends the one, not the other.
@@ -212,7 +216,7 @@ class _Watcher:
                 self._pump(key.fd)
             if self.pidfd is None and self.proc.poll() is not None:
                 return self._finished()
-            if not self.started and self.monitor.statuses():  # a rank's first beat
+            if not self.started and self.monitor.progress_reported():  # a rank's first
                 self._start_up_over()
             stalled = self._check_progress()
             if stalled is not None:

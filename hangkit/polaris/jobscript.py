@@ -63,6 +63,7 @@ class JobOptions:
     hang_timeout: float = 600.0
     doctor: bool = False
     conda_module: str = "conda"
+    inject: bool = True  # an agent in every rank with no code change (hangkit watch --inject)
 
     def __post_init__(self):
         if not self.command:
@@ -147,6 +148,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--submit", action="store_true",
                         help="submit the written file with qsub and print the job id "
                         "(needs --out)")
+    parser.add_argument("--inject", action=argparse.BooleanOptionalAction, default=True,
+                        help="hangkit watch starts its agent in every rank with no change to "
+                        "the training code; --no-inject leaves the ranks as they are "
+                        "(default: on)")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
                         help="the training command each rank runs")
 
@@ -156,7 +161,8 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
     return JobOptions(account=args.account, command=tuple(command), nodes=args.nodes,
                       walltime=args.walltime, queue=args.queue, filesystems=args.filesystems,
                       ppn=args.ppn, depth=args.depth, hang_timeout=args.hang_timeout,
-                      doctor=args.doctor, conda_module=args.conda_module)
+                      doctor=args.doctor, conda_module=args.conda_module,
+                      inject=args.inject)
 
 
 def render(options: JobOptions) -> str:
@@ -304,7 +310,10 @@ def render(options: JobOptions) -> str:
         "# When the ranks print nothing for HANG_TIMEOUT seconds, hangkit watch records where",
         "# every process is stuck (hang-report.md, .json), ends the job and exits 124. Otherwise",
         "# the job's exit code is the launcher's.",
-        'hangkit watch --timeout "${HANG_TIMEOUT}" --bind "${WATCH_BIND}" -- \\',
+        "# Every rank gets hangkit's agent with no change to its code (a sitecustomize on a",
+        "# private PYTHONPATH entry); --no-inject on hangkit watch turns that off.",
+        'hangkit watch --timeout "${HANG_TIMEOUT}" --bind "${WATCH_BIND}"'
+        + ("" if o.inject else " --no-inject") + " -- \\",
         '    "${HANGKIT_MPIEXEC}" -n "${NRANKS}" ${MPIEXEC_ARGS[@]+"${MPIEXEC_ARGS[@]}"} \\',
         "    hangkit rank -- \\",
         f"    {command}",

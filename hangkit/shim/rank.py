@@ -25,7 +25,9 @@ import subprocess
 import sys
 import uuid
 
+from hangkit.bootstrap import WATCHER_VARIABLE
 from hangkit.errors import UsageError
+from hangkit.inject import inject_environment, remove_hook, wanted
 from hangkit.rankenv import RANK_VARIABLES, local_rank_from_environ, rank_from_environ
 from hangkit.shim import MADE_MARK, RELAY_VARIABLE, SHIM_MARKER, relay_paths
 from hangkit.transport import Signer, Verifier, monitor_from_environ
@@ -66,6 +68,7 @@ def rank_environment(environ: dict[str, str], *, bind_gpu: bool) -> dict[str, st
     if found is not None:
         env[RELAY_VARIABLE] = relay_paths(found[1])[0]
     env[SHIM_MARKER] = uuid.uuid4().hex
+    env.pop(WATCHER_VARIABLE, None)  # the rank is known by its variables, not as watch's child
     return env
 
 
@@ -110,18 +113,25 @@ def run(command: list[str], *, bind_gpu: bool = True) -> int:
     env = rank_environment(dict(os.environ), bind_gpu=bind_gpu)
     relay = start_relay(env)
     shim_pid = os.getpid()
+    # The rank's own hook, on this node: the job's (watch's) lies on the first node only.
+    hook = None
+    if wanted(env):
+        env, hook = inject_environment(env)
 
     def in_child() -> None:  # between fork and exec: no Python objects beyond these calls
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         libc.prctl(_PR_SET_PTRACER, shim_pid, 0, 0, 0)
 
     try:
-        # close_fds=False: the launcher's descriptors are the rank's (hydra's PMI_FD, PALS's).
-        child = subprocess.Popen([executable, *command[1:]], env=env, preexec_fn=in_child,
-                                 close_fds=False)
-    except OSError as e:
-        raise UsageError(f"cannot start {command[0]}: {e.strerror or e}") from None
-    return Shim(child.pid, env, relay_pid=relay.pid if relay else None).run()
+        try:
+            # close_fds=False: the launcher's descriptors are the rank's (hydra's PMI_FD, ...).
+            child = subprocess.Popen([executable, *command[1:]], env=env, preexec_fn=in_child,
+                                     close_fds=False)
+        except OSError as e:
+            raise UsageError(f"cannot start {command[0]}: {e.strerror or e}") from None
+        return Shim(child.pid, env, relay_pid=relay.pid if relay else None).run()
+    finally:
+        remove_hook(hook)
 
 
 class Shim:

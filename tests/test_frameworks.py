@@ -1,0 +1,87 @@
+"""Plain training scripts on real frameworks, none of which imports hangkit, hung for real under
+`hangkit watch`: every rank gets an agent with no code change (hangkit/bootstrap.py), so every
+rank's Flight Recorder dump reaches the report and the verdict names the collective and its
+sequence number. The programs and where each rank waits: tests/programs/frameworks/README.md."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PROGRAMS, mpiexec
+from test_watch_hangs import HANG
+
+from hangkit.launcher import free_port
+
+FRAMEWORKS = PROGRAMS / "frameworks"
+BIN = Path(sys.executable).parent
+WATCH = ["--timeout", "5", "--grace", "2"]
+
+
+def torchrun(script: str, n: int = 3) -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc-per-node", str(n), "--master-port",
+            str(free_port()), str(FRAMEWORKS / script)]
+
+
+def hung(run_watch, command: list[str], *, env: dict | None = None) -> dict:
+    run = run_watch(command, options=WATCH, timeout=200, env=env)
+    assert run.returncode == HANG, run.err[-3000:]
+    return run.report
+
+
+def dumps(report: dict) -> dict[int, dict]:
+    """Each rank's Flight Recorder dump, by rank; every rank process must have one."""
+    ranks = [p for p in report["processes"] if p["role"] == "rank"]
+    missing = [(p["rank"], p["pid"], (p.get("recording") or {}).get("error"), p.get("no_agent"))
+               for p in ranks if not (p.get("recording") or {}).get("dump")]
+    assert not missing, f"ranks without a dump: {missing}"
+    return {p["rank"]: p["recording"]["dump"] for p in ranks}
+
+
+def last_issued(dump: dict, group: str = "0") -> int:
+    return int(dump["pg_status"][group]["last_enqueued_collective"])
+
+
+def line_of(script: str, text: str) -> int:
+    lines = (FRAMEWORKS / script).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if line.strip() == text)
+
+
+def assert_mismatch_at_the_odd_ranks_call(report: dict, *, world: int, odd: int, op: str,
+                                          script: str, waiting_line: str) -> None:
+    """Every rank issued the same sequence number, the odd one a barrier, the others `op`:
+    the verdict is the mismatch, with the number, and blames the odd rank."""
+    recorded = dumps(report)
+    assert sorted(recorded) == list(range(world))
+    seq = last_issued(recorded[odd])
+    assert {last_issued(d) for d in recorded.values()} == {seq}
+    first = report["diagnosis"][0]
+    assert first["kind"] == "TD-02" and first["ranks"] == [odd], report["diagnosis"]
+    summary = first["summary"]
+    assert f"collective #{seq} of the default group" in summary
+    assert f"rank {odd} barrier" in summary and f" {op} " in summary
+    assert f"{script}:{line_of(script, waiting_line)}" in summary
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
+def test_ddp_rank_that_skips_a_step(run_watch, launcher):
+    script = "ddp_skip_step.py"
+    if launcher == "torchrun":
+        report = hung(run_watch, torchrun(script))
+    else:
+        report = hung(run_watch, [mpiexec(), "-n", "3", sys.executable,
+                                  str(FRAMEWORKS / script)],
+                      env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    assert_mismatch_at_the_odd_ranks_call(report, world=3, odd=1, op="all_reduce",
+                                          script=script, waiting_line="loss.backward()")
+
+
+@pytest.mark.timeout(240)
+def test_fsdp2_rank_that_skips_a_forward(run_watch):
+    script = "fsdp2_skip_forward.py"
+    report = hung(run_watch, torchrun(script))
+    assert_mismatch_at_the_odd_ranks_call(report, world=3, odd=1, op="all_gather",
+                                          script=script,
+                                          waiting_line="loss = loss_fn(model(xb), yb)")
