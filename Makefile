@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_flight_recorder.py
 	$(PY) benchmarks/bench_notebook_cells.py
 	$(PY) benchmarks/bench_multinode.py
+	$(PY) benchmarks/bench_inject.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
