@@ -88,7 +88,7 @@ def python_program(argv):
 
 def is_launcher_program(kind, name) -> bool:
     if kind == "-m":
-        return name in LAUNCHER_MODULES or name.split(".")[0] == "hangkit"
+        return name in LAUNCHER_MODULES
     return kind == "script" and name in LAUNCHER_PROGRAMS
 
 
@@ -217,8 +217,8 @@ def _became_rank(c10d, here) -> None:
     agent = running.current_agent() if running is not None else None
     if agent is not None:
         agent.rank, agent.world_size = rank, size
-    elif os.environ.get(RANK_PID_VARIABLE, str(os.getpid())) == str(os.getpid()):
-        _start_agent(here, rank, size)
+    else:  # below a rank or not, a process with a process group is a rank (Lightning's
+        _start_agent(here, rank, size)  # are started by its rank 0, after that one's agent)
 
 
 def _chain_site_customize(here) -> None:

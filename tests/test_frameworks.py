@@ -48,10 +48,11 @@ def line_of(script: str, text: str) -> int:
     return next(i for i, line in enumerate(lines, 1) if line.strip() == text)
 
 
-def assert_mismatch_at_the_odd_ranks_call(report: dict, *, world: int, odd: int, op: str,
-                                          script: str, waiting_line: str) -> None:
+def assert_mismatch_at_the_odd_ranks_call(report: dict, *, world: int, script: str, odd: int,
+                                          odd_line: str, op: str, others_line: str) -> None:
     """Every rank issued the same sequence number, the odd one a barrier, the others `op`:
-    the verdict is the mismatch, with the number, and blames the odd rank."""
+    the verdict is the mismatch, with the number, each side at its line of the user's
+    script, and it blames the odd rank."""
     recorded = dumps(report)
     assert sorted(recorded) == list(range(world))
     seq = last_issued(recorded[odd])
@@ -59,9 +60,13 @@ def assert_mismatch_at_the_odd_ranks_call(report: dict, *, world: int, odd: int,
     first = report["diagnosis"][0]
     assert first["kind"] == "TD-02" and first["ranks"] == [odd], report["diagnosis"]
     summary = first["summary"]
-    assert f"collective #{seq} of the default group" in summary
-    assert f"rank {odd} barrier" in summary and f" {op} " in summary
-    assert f"{script}:{line_of(script, waiting_line)}" in summary
+    others = [r for r in range(world) if r != odd]
+    assert summary.startswith(f"Ranks disagree on collective #{seq} of the default group: "
+                              f"rank {odd} barrier no tensors (from `{odd_line}` at "), summary
+    assert f"{script}:{line_of(script, odd_line)}); " in summary
+    assert f"; ranks {others[0]},{others[1]} {op} " in summary
+    assert f"`{others_line}` at " in summary
+    assert f"{script}:{line_of(script, others_line)})" in summary
 
 
 @pytest.mark.timeout(240)
@@ -74,14 +79,42 @@ def test_ddp_rank_that_skips_a_step(run_watch, launcher):
         report = hung(run_watch, [mpiexec(), "-n", "3", sys.executable,
                                   str(FRAMEWORKS / script)],
                       env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
-    assert_mismatch_at_the_odd_ranks_call(report, world=3, odd=1, op="all_reduce",
-                                          script=script, waiting_line="loss.backward()")
+    assert_mismatch_at_the_odd_ranks_call(report, world=3, script=script, odd=1,
+                                          odd_line="dist.barrier()", op="all_reduce",
+                                          others_line="loss.backward()")
 
 
 @pytest.mark.timeout(240)
 def test_fsdp2_rank_that_skips_a_forward(run_watch):
     script = "fsdp2_skip_forward.py"
     report = hung(run_watch, torchrun(script))
-    assert_mismatch_at_the_odd_ranks_call(report, world=3, odd=1, op="all_gather",
-                                          script=script,
-                                          waiting_line="loss = loss_fn(model(xb), yb)")
+    assert_mismatch_at_the_odd_ranks_call(report, world=3, script=script, odd=1,
+                                          odd_line="dist.barrier()", op="all_gather",
+                                          others_line="loss = loss_fn(model(xb), yb)")
+
+
+@pytest.mark.timeout(240)
+def test_lightning_rank_0_saves_a_checkpoint_alone(run_watch, tmp_path):
+    """Lightning's own launcher: ranks 1 and 2 are the script run again with LOCAL_RANK only;
+    every rank is numbered from its process group."""
+    script = "lightning_rank0_checkpoint.py"
+    report = hung(run_watch, [sys.executable, str(FRAMEWORKS / script), str(tmp_path)],
+                  env={"MASTER_PORT": str(free_port())})
+    assert sorted(r["rank"] for r in report["ranks"]) == [0, 1, 2]
+    assert_mismatch_at_the_odd_ranks_call(report, world=3, script=script, odd=0,
+                                          odd_line="trainer.save_checkpoint(path)",
+                                          op="broadcast",
+                                          others_line="trainer.fit(TinyClassifier(), loader)")
+
+
+@pytest.mark.timeout(240)
+def test_accelerate_wait_for_everyone_on_the_main_process_only(run_watch):
+    script = "accelerate_main_only_wait.py"
+    report = hung(run_watch, [
+        str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "3",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(FRAMEWORKS / script)])
+    assert_mismatch_at_the_odd_ranks_call(report, world=3, script=script, odd=0,
+                                          odd_line="accelerator.wait_for_everyone()",
+                                          op="all_reduce",
+                                          others_line="accelerator.backward(loss)")

@@ -157,3 +157,18 @@ def test_dataloader_workers_compile_workers_and_helpers_start_no_agent(run_watch
         assert p["role"] in ("other", "dataloader-worker"), p
         assert SIDECAR not in [t["name"] for t in p["threads"]], p["cmdline"]
     assert processes[started["pid"]]["stacks_from"] == "agent"
+
+
+@pytest.mark.parametrize(("cmdline", "launcher"), [
+    (["/v/bin/python", "/v/bin/torchrun", "--nproc-per-node", "4", "train.py"], True),
+    (["/v/bin/python", "-m", "torch.distributed.run", "train.py"], True),
+    (["/v/bin/python", "/v/bin/accelerate", "launch", "train.py"], True),
+    (["/v/bin/python", "-u", "/home/me/torchrun_train.py"], False),  # a rank's script
+    (["/v/bin/python", "-m", "hangkit.demo.train"], False),
+    (["/v/bin/python", "-m", "hangkit", "rank", "--", "python", "x.py"], True),
+    (["mpiexec", "-n", "2", "python", "x.py"], True),
+])
+def test_launchers_are_known_by_the_program_they_run_not_a_substring(cmdline, launcher):
+    from hangkit.monitor.roles import is_launcher
+
+    assert is_launcher(cmdline) is launcher

@@ -12,6 +12,7 @@ line no longer shows.
 
 from __future__ import annotations
 
+from hangkit.flight_recorder.dumps import Entry
 from hangkit.flight_recorder.view import GroupView, Row, of_processes
 from hangkit.monitor.advice import ADVICE
 from hangkit.monitor.stacks import (
@@ -48,7 +49,7 @@ def diagnose_views(views: list[GroupView], ranks: dict[int, ProcessSnapshot] | N
         if row is None:
             continue
         if row.mismatch:
-            found.append(_mismatch(view, row))
+            found.append(_mismatch(view, row, ranks))
         elif set(row.issued) != set(view.dumped):
             found.append(_never_issued(view, row, ranks))
         elif row.started and set(row.started) != set(row.issued):
@@ -58,9 +59,10 @@ def diagnose_views(views: list[GroupView], ranks: dict[int, ProcessSnapshot] | N
     return found
 
 
-def _mismatch(view: GroupView, row: Row) -> Diagnosis:
-    parts = "; ".join(f"{ranks_phrase(r)} {shape}" for shape, r in
-                      sorted(row.mismatch.items(), key=lambda kv: len(kv[1])))
+def _mismatch(view: GroupView, row: Row, ranks: dict[int, ProcessSnapshot]) -> Diagnosis:
+    # Each side with where it issued its call: the odd ones' line is the one to look at.
+    parts = "; ".join(f"{ranks_phrase(r)} {shape}{_where(row.entries.get(r[0]), ranks.get(r[0]))}"
+                      for shape, r in sorted(row.mismatch.items(), key=lambda kv: len(kv[1])))
     backend = row.entry.backend if row.entry else ""
     outcome = {
         "gloo": (" gloo fails such a collective on some ranks (\"Received data size doesn't "
@@ -70,8 +72,7 @@ def _mismatch(view: GroupView, row: Row) -> Diagnosis:
     }.get(backend, "")
     return Diagnosis(
         kind="TD-02",
-        summary=(f"Ranks disagree on collective #{row.seq} of {view.group.label}: {parts}"
-                 f"{_issued_from(row, {})}.{outcome}"),
+        summary=f"Ranks disagree on collective #{row.seq} of {view.group.label}: {parts}.{outcome}",
         advice=ADVICE["TD-02"], ranks=_odd_ones_out(list(row.mismatch.values())))
 
 
@@ -136,15 +137,20 @@ def _issued_from(row: Row, ranks: dict[int, ProcessSnapshot]) -> str:
     waiting rank: gloo blocks where it was issued, unless the rank waits on an async work
     (`work.wait()`), which is then said as such; NCCL's rank has moved on."""
     waiting = [r for r in row.issued if r not in row.completed and r in ranks]
-    thread = ranks[waiting[0]].main_thread if waiting else None
+    return _where(row.entry, ranks[waiting[0]] if waiting else None)
+
+
+def _where(entry: Entry | None, p: ProcessSnapshot | None) -> str:
+    """Where one rank issued its entry: _issued_from for one rank's entry and stack."""
+    thread = p.main_thread if p is not None else None
     here = innermost_user_frame(thread) if thread is not None else None
-    frames = list(row.entry.frames) if row.entry else []
+    frames = list(entry.frames) if entry else []
     recorded = bool(frames)
-    if not frames and row.entry is not None and row.entry.backend != "nccl" and thread:
+    if not frames and entry is not None and entry.backend != "nccl" and thread:
         frames = thread.frames
     site = innermost_user_frame(ThreadStack(0, None, frames)) if frames else None
     backward = any(f.function.endswith("backward") and not is_user_frame(f) for f in frames)
-    purpose = _BACKWARD_PURPOSE.get(row.op) if backward else None
+    purpose = _BACKWARD_PURPOSE.get(entry.op) if backward and entry else None
     if not recorded and site is not None and ".wait(" in source_line(site):
         return f" ({_site(site, 'waited for at')})"  # async_op=True: issued elsewhere
     parts = [x for x in (purpose, _site(site, "from")) if x]

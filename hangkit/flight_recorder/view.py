@@ -38,6 +38,7 @@ class Row:
     # "all_reduce Float[58]" -> ranks, only where the ranks recorded different ones
     mismatch: dict[str, list[int]] = field(default_factory=dict)
     entry: Entry | None = None  # one rank's entry (a waiting one's, where there is one)
+    entries: dict[int, Entry] = field(default_factory=dict)  # each rank's, where it holds one
 
 
 @dataclass
@@ -147,7 +148,7 @@ def _row(seq: int, dumped: list[int], recorded, last_issued, completed) -> Row:
     waiting = [e for r, e in sorted(have.items()) if r not in done]
     return Row(seq=seq, op=ops.most_common(1)[0][0] if ops else "?", issued=issued,
                started=started, completed=done, mismatch=shapes if len(shapes) > 1 else {},
-               entry=(waiting or list(have.values()) or [None])[0])
+               entry=(waiting or list(have.values()) or [None])[0], entries=have)
 
 
 def render(views: list[GroupView], why_missing: Callable[[int], str] | None = None

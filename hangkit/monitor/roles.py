@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from hangkit.bootstrap import is_launcher_program, python_program
 from hangkit.monitor.stacks import bare_name
 from hangkit.records import ProcessSnapshot, Role
 from hangkit.shim import is_helper
@@ -19,20 +20,21 @@ LAUNCHER_NAMES = SELF_ENDING_NAMES | frozenset({
     "torchrun", "bash", "sh", "dash", "zsh", "ksh", "tcsh", "csh", "env", "timeout", "stdbuf",
     "nohup", "time", "numactl", "taskset", "setsid",
 })
-_PYTHON_LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch", "torchrun")
 # Where torch's DataLoader workers loop, and where they call the dataset.
 WORKER_LOOP_FILE = "torch/utils/data/_utils/worker.py"
 FETCH_FILE = "torch/utils/data/_utils/fetch.py"
 
 
 def is_launcher(cmdline: list[str]) -> bool:
+    """By the program a process runs: the executable, or for Python the module after -m or the
+    script's name (torchrun, accelerate, ...), never a substring: `torchrun_train.py` is a
+    rank's script."""
     if not cmdline:
         return False
     if os.path.basename(cmdline[0]) in LAUNCHER_NAMES or is_helper(cmdline):
         return True
     if os.path.basename(cmdline[0]).startswith("python"):
-        rest = " ".join(cmdline[1:3])
-        return any(m in rest for m in _PYTHON_LAUNCHER_MODULES)
+        return is_launcher_program(*python_program(cmdline))
     return False
 
 
