@@ -24,8 +24,12 @@ def torchrun(script: str, n: int = 3) -> list[str]:
             str(free_port()), str(FRAMEWORKS / script)]
 
 
-def hung(run_watch, command: list[str], *, env: dict | None = None) -> dict:
-    run = run_watch(command, options=WATCH, timeout=200, env=env)
+def hung(run_watch, tmp_path: Path, command: list[str], *, env: dict | None = None) -> dict:
+    # The job's temporary files (torchrun's log directory, inductor's cache, multiprocessing's
+    # pymp-*) go under the test's directory: what a killed job leaves is gone with it.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    run = run_watch(command, options=WATCH, timeout=200, env={"TMPDIR": str(tmp), **(env or {})})
     assert run.returncode == HANG, run.err[-3000:]
     return run.report
 
@@ -49,8 +53,9 @@ def line_of(script: str, text: str) -> int:
 
 
 def assert_mismatch_at_the_odd_ranks_call(report: dict, *, world: int, script: str, odd: int,
-                                          odd_line: str, op: str, others_line: str) -> None:
-    """Every rank issued the same sequence number, the odd one a barrier, the others `op`:
+                                          odd_line: str, op: str, others_line: str,
+                                          odd_op: str = "barrier no tensors") -> None:
+    """Every rank issued the same sequence number, the odd one `odd_op`, the others `op`:
     the verdict is the mismatch, with the number, each side at its line of the user's
     script, and it blames the odd rank."""
     recorded = dumps(report)
@@ -62,7 +67,7 @@ def assert_mismatch_at_the_odd_ranks_call(report: dict, *, world: int, script: s
     summary = first["summary"]
     others = [r for r in range(world) if r != odd]
     assert summary.startswith(f"Ranks disagree on collective #{seq} of the default group: "
-                              f"rank {odd} barrier no tensors (from `{odd_line}` at "), summary
+                              f"rank {odd} {odd_op} (from `{odd_line}` at "), summary
     assert f"{script}:{line_of(script, odd_line)}); " in summary
     assert f"; ranks {others[0]},{others[1]} {op} " in summary
     assert f"`{others_line}` at " in summary
@@ -71,12 +76,12 @@ def assert_mismatch_at_the_odd_ranks_call(report: dict, *, world: int, script: s
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
-def test_ddp_rank_that_skips_a_step(run_watch, launcher):
+def test_ddp_rank_that_skips_a_step(run_watch, tmp_path, launcher):
     script = "ddp_skip_step.py"
     if launcher == "torchrun":
-        report = hung(run_watch, torchrun(script))
+        report = hung(run_watch, tmp_path, torchrun(script))
     else:
-        report = hung(run_watch, [mpiexec(), "-n", "3", sys.executable,
+        report = hung(run_watch, tmp_path, [mpiexec(), "-n", "3", sys.executable,
                                   str(FRAMEWORKS / script)],
                       env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     assert_mismatch_at_the_odd_ranks_call(report, world=3, script=script, odd=1,
@@ -85,9 +90,9 @@ def test_ddp_rank_that_skips_a_step(run_watch, launcher):
 
 
 @pytest.mark.timeout(240)
-def test_fsdp2_rank_that_skips_a_forward(run_watch):
+def test_fsdp2_rank_that_skips_a_forward(run_watch, tmp_path):
     script = "fsdp2_skip_forward.py"
-    report = hung(run_watch, torchrun(script))
+    report = hung(run_watch, tmp_path, torchrun(script))
     assert_mismatch_at_the_odd_ranks_call(report, world=3, script=script, odd=1,
                                           odd_line="dist.barrier()", op="all_gather",
                                           others_line="loss = loss_fn(model(xb), yb)")
@@ -98,7 +103,7 @@ def test_lightning_rank_0_saves_a_checkpoint_alone(run_watch, tmp_path):
     """Lightning's own launcher: ranks 1 and 2 are the script run again with LOCAL_RANK only;
     every rank is numbered from its process group."""
     script = "lightning_rank0_checkpoint.py"
-    report = hung(run_watch, [sys.executable, str(FRAMEWORKS / script), str(tmp_path)],
+    report = hung(run_watch, tmp_path, [sys.executable, str(FRAMEWORKS / script), str(tmp_path)],
                   env={"MASTER_PORT": str(free_port())})
     assert sorted(r["rank"] for r in report["ranks"]) == [0, 1, 2]
     assert_mismatch_at_the_odd_ranks_call(report, world=3, script=script, odd=0,
@@ -108,9 +113,9 @@ def test_lightning_rank_0_saves_a_checkpoint_alone(run_watch, tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_accelerate_wait_for_everyone_on_the_main_process_only(run_watch):
+def test_accelerate_wait_for_everyone_on_the_main_process_only(run_watch, tmp_path):
     script = "accelerate_main_only_wait.py"
-    report = hung(run_watch, [
+    report = hung(run_watch, tmp_path, [
         str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "3",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), str(FRAMEWORKS / script)])
@@ -118,3 +123,13 @@ def test_accelerate_wait_for_everyone_on_the_main_process_only(run_watch):
                                           odd_line="accelerator.wait_for_everyone()",
                                           op="all_reduce",
                                           others_line="accelerator.backward(loss)")
+
+
+@pytest.mark.timeout(240)
+def test_hf_trainer_evaluates_on_the_main_process_only(run_watch, tmp_path):
+    script = "hf_trainer_rank0_eval.py"
+    report = hung(run_watch, tmp_path, [*torchrun(script), str(tmp_path)])
+    assert_mismatch_at_the_odd_ranks_call(report, world=3, script=script, odd=0,
+                                          odd_op="all_gather Float[4]",
+                                          odd_line="metrics = self.trainer.evaluate()",
+                                          op="broadcast", others_line="trainer.train()")

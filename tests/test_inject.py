@@ -135,12 +135,12 @@ def test_no_inject_leaves_the_ranks_alone_and_the_report_says_so(run_watch):
 
 
 @pytest.mark.timeout(180)
-def test_dataloader_workers_compile_workers_and_helpers_start_no_agent(run_watch):
+def test_dataloader_workers_compile_workers_and_helpers_start_no_agent(run_watch, tmp_path):
     """One rank (mpiexec's variables, which every helper inherits) with spawned DataLoader
     workers, torch.compile's worker pool, a `python -c` helper and a helper script."""
     run = run_watch([mpiexec(), "-n", "1", sys.executable, str(INJECT / "spawns_helpers.py")],
                     options=["--timeout", "3", "--grace", "2"], timeout=160,
-                    env={"TORCHINDUCTOR_COMPILE_THREADS": "2"})
+                    env={"TORCHINDUCTOR_COMPILE_THREADS": "2", "TMPDIR": str(tmp_path)})
     assert run.returncode == HANG, run.err
     started = json.loads(next(line for line in run.stdout.decode().splitlines()
                               if line.startswith("{")))

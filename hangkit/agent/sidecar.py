@@ -21,6 +21,7 @@ import traceback
 from hangkit import deadline
 from hangkit.agent import beacon, recorder
 from hangkit.agent.threadstacks import FaultDump, current_stacks
+from hangkit.bootstrap import INJECT_VARIABLE
 from hangkit.errors import UsageError
 from hangkit.rankenv import rank_from_environ, world_size_from_environ
 from hangkit.records import Beat, CollectiveState
@@ -62,7 +63,10 @@ class Agent:
                               (zmq.RCVHWM, SEND_HWM)):
             self._sock.setsockopt(option, value)
         self._sock.connect(address)
-        self.fault_dump = FaultDump()
+        # In the job's hook directory where there is one: removed with the job, even when the
+        # rank is killed before it could remove its file itself.
+        hook = env.get(INJECT_VARIABLE, "")
+        self.fault_dump = FaultDump(hook if os.path.isabs(hook) and os.path.isdir(hook) else None)
         self._stop = threading.Event()
         # Set once a beat has gone out: the monitor knows this rank from then on.
         self.reported = threading.Event()
