@@ -172,3 +172,22 @@ def test_launchers_are_known_by_the_program_they_run_not_a_substring(cmdline, la
     from hangkit.monitor.roles import is_launcher
 
     assert is_launcher(cmdline) is launcher
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_without_an_agent_is_asked_through_torchs_nccl_debug_pipe(run_watch, tmp_path):
+    """NCCL's watchdog imitated (no GPU here: see the program): the capture writes to the pipe
+    watch named, reads the dump the watchdog writes, and watch removes the pipe at the end."""
+    run = run_watch([sys.executable, str(PROGRAMS / "nccl_watchdog_rank.py")],
+                    options=["--timeout", "3", "--grace", "2", "--no-inject"], timeout=100,
+                    env={"RANK": "0", "TORCH_FR_DUMP_TEMP_FILE": str(tmp_path / "trace_")})
+    assert run.returncode == HANG, run.err
+    pipe = next(line.split(": ", 1)[1] for line in run.stdout.decode().splitlines()
+                if line.startswith("ready: "))
+    assert pipe.startswith("/tmp/hk-") and pipe.endswith("-nccl-rank0.pipe")
+    (rank,) = [p for p in run.report["processes"] if p["role"] == "rank"]
+    recording = rank["recording"]
+    assert recording["source"].startswith("torch's NCCL watchdog"), recording
+    ops = [e["profiling_name"] for e in recording["dump"]["entries"]]
+    assert ops == ["nccl:all_reduce"] * 3
+    assert not os.path.exists(pipe)

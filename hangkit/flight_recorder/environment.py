@@ -13,7 +13,11 @@ BUFFER_ENTRIES entries.
 
 from __future__ import annotations
 
+import secrets
+
 BUFFER_VARIABLES = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
+# NCCL's watchdog dumps its recorder when a byte is written to this + rank + ".pipe".
+NCCL_PIPE_VARIABLE = "TORCH_NCCL_DEBUG_INFO_PIPE_FILE"
 BUFFER_ENTRIES = 2000  # torch 2.13's own default
 # Where torch writes a dump by itself (TORCH_NCCL_DUMP_ON_TIMEOUT): prefix + rank.
 DUMP_PREFIX_VARIABLES = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
@@ -26,14 +30,20 @@ JOB_DUMP_DIRECTORY = "hangkit-flight-recorder-"  # + the PBS job id
 def recorder_environment(env: dict[str, str], *, on: bool = True
                          ) -> tuple[dict[str, str], list[str]]:
     """(env with the recorder on, or off, one line per change to say): no change where the
-    user set it. Turning it off is what the user asked for, so it is not said."""
-    if any(name in env for name in BUFFER_VARIABLES):
-        return dict(env), []
-    if not on:
-        return {**env, "TORCH_FR_BUFFER_SIZE": "0"}, []
-    return {**env, "TORCH_FR_BUFFER_SIZE": str(BUFFER_ENTRIES)}, [
-        f"TORCH_FR_BUFFER_SIZE={BUFFER_ENTRIES} (torch's Flight Recorder keeps the last "
-        f"{BUFFER_ENTRIES} collectives for the report; --no-flight-recorder turns it off)"]
+    user set it. Turning it off is what the user asked for, so it is not said. On, NCCL's
+    watchdog also gets a pipe to be asked through (monitor/nccl_pipe.py)."""
+    env, changes = dict(env), []
+    if not any(name in env for name in BUFFER_VARIABLES):
+        env["TORCH_FR_BUFFER_SIZE"] = str(BUFFER_ENTRIES) if on else "0"
+        if on:
+            changes.append(f"TORCH_FR_BUFFER_SIZE={BUFFER_ENTRIES} (torch's Flight Recorder "
+                           f"keeps the last {BUFFER_ENTRIES} collectives for the report; "
+                           "--no-flight-recorder turns it off)")
+    if on and NCCL_PIPE_VARIABLE not in env:
+        # /tmp is on every node (torch's watchdog fails on a directory that is not); the
+        # random part keeps jobs apart and the name unguessable.
+        env[NCCL_PIPE_VARIABLE] = f"/tmp/hk-{secrets.token_hex(4)}-nccl-rank"
+    return env, changes
 
 
 def dump_prefix(env: dict[str, str]) -> str:

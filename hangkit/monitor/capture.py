@@ -20,6 +20,7 @@ import psutil
 from hangkit import deadline, pyspy
 from hangkit.agent.sidecar import RECORDING_SECONDS
 from hangkit.inject import no_agent_note
+from hangkit.monitor import nccl_pipe
 from hangkit.monitor.agentstacks import gather
 from hangkit.monitor.roles import FETCH_FILE, assign_roles, is_launcher
 from hangkit.procfs import blocked_syscall, kernel_state, read_environ, runs_python
@@ -195,6 +196,7 @@ class _Pending:
     cpu_before: float | None
     wants_stacks: bool = False
     dump: object = None  # the py-spy run, None also when py-spy could not be started
+    env: dict | None = None
 
 
 def capture(pids: list[int], *, known: dict[int, tuple[list[ThreadStack], str]] | None = None,
@@ -210,6 +212,10 @@ def capture(pids: list[int], *, known: dict[int, tuple[list[ThreadStack], str]] 
     known = known or {}
     deadline = clock() + timeout
     pending = [_start(pid) for pid in pids]
+    # Ranks whose agent gave no stacks: torch's NCCL watchdog is asked for their recorder
+    # (nothing is asked, nor waited for, on gloo), answering while the sampling goes on.
+    asked = {a.rank: a for p in pending if p.snapshot.pid not in known
+             and (a := nccl_pipe.ask(p.env, p.snapshot.rank)) is not None}
     started = clock()
     for p in pending:
         if p.snapshot.pid in known:
@@ -235,6 +241,8 @@ def capture(pids: list[int], *, known: dict[int, tuple[list[ThreadStack], str]] 
             if result.gone:
                 p.snapshot.state = ProcessState.EXITED
     snapshots = [p.snapshot for p in pending]
+    recorded = nccl_pipe.collect(list(asked.values()),
+                                 timeout=max(min(nccl_pipe.WAIT, deadline - clock()), 0.1))
     for s in snapshots:
         reported = (agent_ranks or {}).get(s.pid)
         s.rank = reported if reported is not None else s.rank
@@ -243,6 +251,8 @@ def capture(pids: list[int], *, known: dict[int, tuple[list[ThreadStack], str]] 
     for s in snapshots:
         if s.role != Role.RANK or s.stacks_from in STACK_SOURCES:
             s.no_agent = None
+        if s.role == Role.RANK and s.rank in recorded:
+            s.recording = recorded.pop(s.rank)
     _read_worker_indices(snapshots, timeout=max(deadline - clock(), 0.1))
     return snapshots
 
@@ -276,7 +286,7 @@ def _start(pid: int) -> _Pending:
         snap.rank = rank_from_environ(env)
         snap.no_agent = no_agent_note(pid, env)  # kept for ranks without an agent's stacks
         snap.session_id = _session(pid)
-        return _Pending(snap, proc, times.user + times.system)
+        return _Pending(snap, proc, times.user + times.system, env=env)
     except psutil.NoSuchProcess:
         snap.state, snap.note = ProcessState.EXITED, "exited before capture"
     except psutil.AccessDenied as e:

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING
 
 from hangkit.envsetup import hang_safe_environment
 from hangkit.errors import UsageError, check_positive_seconds, check_seconds_or_zero
-from hangkit.flight_recorder.environment import recorder_environment
+from hangkit.flight_recorder.environment import NCCL_PIPE_VARIABLE, recorder_environment
 from hangkit.inject import inject_environment, remove_hook
 from hangkit.monitor.jobtree import MARKER_VARIABLE, JobTree, become_subreaper
+from hangkit.monitor.nccl_pipe import remove_pipes
 from hangkit.monitor.output import OutputTail, write_all
 from hangkit.monitor.server import Monitor
 from hangkit.monitor.stall import AUTO, AUTO_FLOOR, HANG_KINDS, StallConfig
@@ -120,6 +121,9 @@ def watch(opts: WatchOptions) -> int:
     env, changes = recorder_environment(env, on=opts.flight_recorder)
     for change in changes:
         say(f"set {change}")
+    # The NCCL watchdogs' pipes are made under a name watch gave (not one the user gave):
+    # watch removes those of its node once the job is over.
+    pipes = env.get(NCCL_PIPE_VARIABLE) if NCCL_PIPE_VARIABLE not in os.environ else None
     env, hook = inject_environment(env, on=opts.inject, watcher=os.getpid())
     marker = uuid.uuid4().hex
     env[MARKER_VARIABLE] = marker
@@ -148,6 +152,7 @@ def watch(opts: WatchOptions) -> int:
             signal.signal(s, handler)
         monitor.close()
         remove_hook(hook)
+        remove_pipes(pipes)
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
 

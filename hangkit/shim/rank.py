@@ -27,7 +27,9 @@ import uuid
 
 from hangkit.bootstrap import WATCHER_VARIABLE
 from hangkit.errors import UsageError
+from hangkit.flight_recorder.environment import NCCL_PIPE_VARIABLE
 from hangkit.inject import inject_environment, remove_hook, wanted
+from hangkit.monitor.nccl_pipe import remove_pipes
 from hangkit.rankenv import RANK_VARIABLES, local_rank_from_environ, rank_from_environ
 from hangkit.shim import MADE_MARK, RELAY_VARIABLE, SHIM_MARKER, relay_paths
 from hangkit.transport import Signer, Verifier, monitor_from_environ
@@ -132,6 +134,7 @@ def run(command: list[str], *, bind_gpu: bool = True) -> int:
         return Shim(child.pid, env, relay_pid=relay.pid if relay else None).run()
     finally:
         remove_hook(hook)
+        remove_pipes(env.get(NCCL_PIPE_VARIABLE), rank_from_environ(env))
 
 
 class Shim:
