@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_notebook_cells.py
 	$(PY) benchmarks/bench_multinode.py
 	$(PY) benchmarks/bench_inject.py
+	$(PY) benchmarks/bench_frameworks.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

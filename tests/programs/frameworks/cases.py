@@ -1,0 +1,72 @@
+"""How each framework program is launched, and the verdict it must get: one home for
+tests/test_frameworks.py and benchmarks/bench_frameworks.py. Not a user's script: the harness."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    script: str
+    world: int
+    verdict: str  # the first diagnosis's kind
+    odd: tuple[int, ...]  # the ranks it must name
+    # where the odd ranks issued their call, and the others theirs (lines of the script)
+    odd_line: str = ""
+    others_line: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+CASES = {c.name: c for c in [
+    Case("ddp-torchrun", "ddp_skip_step.py", 3, "TD-02", (1,), "dist.barrier()",
+         "loss.backward()"),
+    Case("ddp-mpiexec", "ddp_skip_step.py", 3, "TD-02", (1,), "dist.barrier()",
+         "loss.backward()"),
+    Case("fsdp2-torchrun", "fsdp2_skip_forward.py", 3, "TD-02", (1,), "dist.barrier()",
+         "loss = loss_fn(model(xb), yb)"),
+    Case("lightning", "lightning_rank0_checkpoint.py", 3, "TD-02", (0,),
+         "trainer.save_checkpoint(path)", "trainer.fit(TinyClassifier(), loader)"),
+    Case("accelerate", "accelerate_main_only_wait.py", 3, "TD-02", (0,),
+         "accelerator.wait_for_everyone()", "accelerator.backward(loss)"),
+    Case("hf-trainer", "hf_trainer_rank0_eval.py", 3, "TD-02", (0,),
+         "metrics = self.trainer.evaluate()", "trainer.train()"),
+]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(case: Case, scratch: Path) -> tuple[list[str], dict[str, str]]:
+    """(argv, extra environment) that launch the case as a user would, its files in scratch."""
+    script = str(HERE / case.script)
+    port = str(free_port())
+    torchrun = [str(BIN / "torchrun"), "--nproc-per-node", str(case.world), "--master-port",
+                port, script]
+    if case.name == "ddp-mpiexec":
+        return ([str(BIN / "mpiexec"), "-n", str(case.world), sys.executable, script],
+                {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+    if case.name == "lightning":  # its own launcher: ranks 1.. are the script run again
+        return [sys.executable, script, str(scratch)], {"MASTER_PORT": port}
+    if case.name == "accelerate":
+        return ([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes",
+                 str(case.world), "--num_machines", "1", "--mixed_precision", "no",
+                 "--dynamo_backend", "no", "--main_process_port", port, script], {})
+    if case.name == "hf-trainer":
+        return [*torchrun, str(scratch)], {}
+    return torchrun, {}
+
+
+def line_of(case: Case, text: str) -> int:
+    lines = (HERE / case.script).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if line.strip() == text)
