@@ -7,9 +7,17 @@ from __future__ import annotations
 import pytest
 from conftest import program
 
-from hangkit.monitor.confirm import classify
+from hangkit.monitor.confirm import classify, credit_helpers
 from hangkit.monitor.diagnose import from_looks
-from hangkit.records import Activity, Look, ProcessLook, Role
+from hangkit.records import (
+    Activity,
+    Look,
+    ProcessLook,
+    ProcessSnapshot,
+    ProcessState,
+    Role,
+    ThreadStack,
+)
 
 HANG = 124
 A, B, C, D, E = ((("f", f"/home/u/{x}.py", 1),) for x in "abcde")
@@ -33,6 +41,37 @@ A, B, C, D, E = ((("f", f"/home/u/{x}.py", 1),) for x in "abcde")
 ])
 def test_classify(history, look, busy, inside, expected):
     assert classify(history, look, busy=busy, in_collective=inside) == expected
+
+
+def helper_tree(g_state: ProcessState, helper: Activity, grown: float) -> str:
+    """A rank (10) waiting, with a Python helper (11), a program (12: g++) and a DataLoader
+    worker (13, spinning); what the rank is judged, and why."""
+    snap = [ProcessSnapshot(10, 1, 0, Role.RANK, ["python", "train.py"], ProcessState.BLOCKED),
+            ProcessSnapshot(11, 10, 0, Role.OTHER, ["python", "worker.py"], ProcessState.BUSY,
+                            threads=[ThreadStack(1, "MainThread")]),
+            ProcessSnapshot(12, 11, 0, Role.OTHER, ["g++", "-c"], g_state, cpu_percent=97.0),
+            ProcessSnapshot(13, 10, 0, Role.DATALOADER_WORKER, ["python"], ProcessState.BUSY)]
+    looked = {("n", 10): ProcessLook(10, 0, Role.RANK, Activity.WAITING, "wait (train.py:3)"),
+              ("n", 11): ProcessLook(11, 0, Role.OTHER, helper, "importing (sympy/x.py)"),
+              ("n", 13): ProcessLook(13, 0, Role.DATALOADER_WORKER, Activity.SPINNING, "f")}
+    for s in snap:
+        s.host = "n"
+    credit_helpers(looked, snap, "n", {11: grown, 13: 5.0}, 2.0)
+    rank = looked[("n", 10)]
+    return f"{rank.activity}: {rank.where}"
+
+
+def test_a_rank_whose_helpers_work_is_progressing_and_its_workers_do_not_count():
+    assert helper_tree(ProcessState.BLOCKED, Activity.PROGRESSING, 0.0) == (
+        "progressing: wait (train.py:3), while its subprocess 11 is progressing: importing "
+        "(sympy/x.py)")
+    assert helper_tree(ProcessState.BUSY, Activity.WAITING, 0.0) == (
+        "progressing: wait (train.py:3), while its subprocess 12 (g++) is busy (97% CPU)")
+    assert helper_tree(ProcessState.BLOCKED, Activity.WAITING, 1.5) == (
+        "progressing: wait (train.py:3), while its subprocesses (python) used 1.5 s of CPU "
+        "in 2.0 s")
+    # A spinning DataLoader worker's CPU is its own verdict, never the rank's progress.
+    assert helper_tree(ProcessState.BLOCKED, Activity.WAITING, 0.1) == "waiting: wait (train.py:3)"
 
 
 def test_a_loop_is_named_by_every_place_it_returns_to_over_the_looks():

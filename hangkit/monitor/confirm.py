@@ -23,10 +23,13 @@ rank is progressing, is the picture the report, the tree and the diagnosis come 
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+
+import psutil
 
 from hangkit import deadline, pyspy
 from hangkit.monitor.capture import capture_job, heard_nodes, under_shims
@@ -112,6 +115,7 @@ class Confirmation:
         """Samples every Python process, captures them, classes each; returns the look (also
         kept in .looks, its capture in .snapshots)."""
         started, cpu_before = time.monotonic(), _cpu_seconds()
+        work_before = _tree_cpu(pids)
         sampled: dict[Who, list[Signature]] = defaultdict(list)
         latest: dict[Who, ThreadStack] = {}
         heard = heard_nodes(monitor)
@@ -134,7 +138,7 @@ class Confirmation:
         job = capture_job(monitor, ranks, pids)
         self.snapshots, self.nodes = job.snapshots, job.nodes
         capture_seconds = time.monotonic() - captured
-        processes = []
+        processes, looked = [], {}
         for s in self.snapshots:
             if s.role == Role.LAUNCHER or (not s.threads and s.state != ProcessState.EXITED):
                 continue  # no Python to judge (a shell, mpiexec), or nothing read
@@ -149,7 +153,10 @@ class Confirmation:
                 pid=s.pid, rank=s.rank, role=s.role, activity=activity,
                 where=_doing(latest.get(who) or s.main_thread, s), cpu_percent=s.cpu_percent,
                 stacks=[_innermost(sig) for sig in mine], distinct=len(set(mine))))
+            looked[who] = processes[-1]
             self.seen[who].extend(mine)
+        credit_helpers(looked, self.snapshots, monitor.host, _grown(work_before),
+                        time.monotonic() - started)
         look = Look(at=round(at, 1), seconds=round(time.monotonic() - started, 2),
                     samples=samples, processes=processes,
                     capture_seconds=round(capture_seconds, 2),
@@ -200,6 +207,71 @@ def _sample(monitor, agents: dict[str, RankStatus], pids: list[int], nodes: list
             with contextlib.suppress(KeyError, TypeError, ValueError):
                 out[(host, int(sample["pid"]))] = ThreadStack.from_json(sample["thread"])
     return out
+
+
+# A rank's helpers that used this share of a core over a look are at work for it: a cold
+# torch.compile's workers and their g++, a subprocess that preprocesses (NH-04).
+HELPER_WORK_SHARE = 0.25
+
+
+def credit_helpers(looked: dict[Who, ProcessLook], snapshots: list[ProcessSnapshot],
+                    host: str, grown: dict[int, float], seconds: float) -> None:
+    """A rank (or DataLoader worker) that waits while processes it started work is
+    progressing: its helpers (not ranks or workers themselves, whose own activity counts) are
+    progressing Python (Lightning's ranks importing before they have their numbers), busy
+    programs (g++), or used CPU during the look, reaped children included (what churns faster
+    than a capture sees; this host's only). Changed in place, saying which helper worked."""
+    children: dict[Who, list[ProcessSnapshot]] = defaultdict(list)
+    for s in snapshots:
+        children[(s.host or host, s.ppid)].append(s)
+    for (node, pid), p in looked.items():
+        if not p.deciding or p.activity in (Activity.PROGRESSING, Activity.GONE):
+            continue
+        why = _helper_work(node, children[(node, pid)], children, looked,
+                           grown if node == host else {}, seconds)
+        if why:
+            p.activity, p.where = Activity.PROGRESSING, f"{p.where}, while {why}"
+
+
+def _helper_work(node: str, below: list[ProcessSnapshot], children, looked,
+                 grown: dict[int, float], seconds: float) -> str | None:
+    stack, used, names = list(below), 0.0, set()
+    while stack:
+        s = stack.pop()
+        if s.role in (Role.RANK, Role.DATALOADER_WORKER):
+            continue  # judged by its own activity
+        stack.extend(children[(node, s.pid)])
+        seen = looked.get((node, s.pid))
+        if seen is not None and seen.activity == Activity.PROGRESSING:
+            return f"its subprocess {s.pid} is progressing: {seen.where}"
+        if not s.threads and s.state == ProcessState.BUSY:
+            return f"its subprocess {s.pid} ({_program(s)}) is busy ({s.cpu_percent or 0:.0f}% CPU)"
+        if s.pid in grown:
+            used += grown[s.pid]
+            names.add(_program(s))
+    if used >= HELPER_WORK_SHARE * seconds:
+        return (f"its subprocesses ({', '.join(sorted(names)[:3])}) used {used:.1f} s of CPU "
+                f"in {seconds:.1f} s")
+    return None
+
+
+def _program(s: ProcessSnapshot) -> str:
+    return os.path.basename(s.cmdline[0]) if s.cmdline else str(s.pid)
+
+
+def _tree_cpu(pids: list[int]) -> dict[int, float]:
+    """Each process's CPU seconds, its reaped children's included."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            out[pid] = t.user + t.system + t.children_user + t.children_system
+    return out
+
+
+def _grown(before: dict[int, float]) -> dict[int, float]:
+    after = _tree_cpu(list(before))
+    return {pid: after[pid] - was for pid, was in before.items() if pid in after}
 
 
 def _cpu_seconds() -> float:
