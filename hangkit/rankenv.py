@@ -18,7 +18,13 @@ def _first_int(env: dict[str, str] | None, names: tuple[str, ...]) -> int | None
 
 
 def rank_from_environ(env: dict[str, str] | None) -> int | None:
-    return _first_int(env, RANK_VARIABLES)
+    """The launcher's rank; for Lightning's spawned ranks (LOCAL_RANK and NODE_RANK, no RANK)
+    on its first node, the local rank. Elsewhere their number comes from the process group,
+    which the agent reads."""
+    rank = _first_int(env, RANK_VARIABLES)
+    if rank is None and (env or {}).get("NODE_RANK", "").strip() == "0":
+        return _first_int(env, ("LOCAL_RANK",))
+    return rank
 
 
 def world_size_from_environ(env: dict[str, str] | None) -> int | None:

@@ -85,11 +85,16 @@ def test_ddp_rank_that_skips_a_step_is_named_with_the_collective_and_the_line(ru
 
 
 @pytest.mark.timeout(180)
-def test_without_the_recorder_the_stacks_alone_cannot_see_ddps_collective(run_watch):
-    """What users had before: with --no-flight-recorder only rank 1's FIFO is found; that
-    ranks 0 and 2 wait for it in DDP's all-reduce is not."""
+def test_without_the_recorder_the_stacks_see_ddps_collective_inside_backward(run_watch):
+    """With --no-flight-recorder the stacks alone still tell that ranks 0 and 2 wait in DDP's
+    gradient reduction (blocked inside backward(): hangkit/monitor/collectives.py), with no
+    sequence number, and rank 1's FIFO."""
     run = watch_ddp(run_watch, "skip", "--no-flight-recorder")
-    assert kinds(run.report) == ["fifo-wait"], run.report["diagnosis"]
+    assert kinds(run.report) == ["TD-01", "fifo-wait"], run.report["diagnosis"]
+    first = run.report["diagnosis"][0]
+    assert first["ranks"] == [1] and first["summary"].startswith(
+        "Ranks 0,2 wait in all_reduce (the gradient reduction of DDP or FSDP inside backward())")
+    assert "#" not in first["summary"].split(";")[0]
     assert not recorded(run.report) and "Flight Recorder" not in run.err
     assert not list(run.report_dir.glob(f"{ANALYZER_PREFIX}*"))
     reasons = {p["recording"]["error"] for p in run.report["processes"] if p.get("recording")}

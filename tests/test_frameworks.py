@@ -44,26 +44,48 @@ def last_issued(dump: dict, group: str = "0") -> int:
     return int(dump["pg_status"][group]["last_enqueued_collective"])
 
 
-def assert_mismatch_at_the_odd_ranks_call(report: dict, case: Case, *, odd_op: str,
-                                          op: str) -> None:
-    """Every rank issued the same sequence number, the odd one `odd_op`, the others `op`:
-    the verdict is the mismatch, with the number, each side at its line of the user's
-    script, and it blames the odd rank."""
+def at(case: Case, text: str) -> str:
+    return f"`{text}` at {case.script}:{line_of(case, text)}"
+
+
+def verdict(report: dict, case: Case) -> tuple[dict, int]:
+    """The first diagnosis, checked to name the case's kind and odd ranks; and the sequence
+    number every rank issued last (the same on every rank: the disagreement)."""
     recorded = dumps(report)
     assert sorted(recorded) == list(range(case.world))
-    (odd,) = case.odd
-    seq = last_issued(recorded[odd])
-    assert {last_issued(d) for d in recorded.values()} == {seq}
+    (seq,) = {last_issued(d) for d in recorded.values()}
     first = report["diagnosis"][0]
-    assert first["kind"] == case.verdict and first["ranks"] == [odd], report["diagnosis"]
-    summary = first["summary"]
+    assert first["kind"] == case.verdict and first["ranks"] == list(case.odd), \
+        report["diagnosis"]
+    first["summary"] = first["summary"].replace(str(PROGRAMS / "frameworks") + "/", "")
+    return first, seq
+
+
+def assert_mismatch_at_the_odd_ranks_call(report: dict, case: Case, *, odd_op: str,
+                                          op: str) -> None:
+    """The odd rank issued `odd_op` under a rank-dependent branch, the others `op`, at the
+    same sequence number: the mismatch, each side at its line, and the branch."""
+    first, seq = verdict(report, case)
+    (odd,) = case.odd
     others = ",".join(str(r) for r in range(case.world) if r != odd)
-    assert summary.startswith(f"Ranks disagree on collective #{seq} of the default group: "
-                              f"rank {odd} {odd_op} (from `{case.odd_line}` at "), summary
-    assert f"{case.script}:{line_of(case, case.odd_line)}); " in summary
-    assert f"; ranks {others} {op} " in summary
-    assert f"`{case.others_line}` at {case.script}:{line_of(case, case.others_line)})" \
-        in summary.replace(str(PROGRAMS / "frameworks") + "/", "")
+    assert first["summary"].startswith(
+        f"Ranks disagree on collective #{seq} of the default group: rank {odd} {odd_op} (from "
+        f"{at(case, case.odd_line)}; under {at(case, case.branch)}); ranks {others} {op} "), \
+        first["summary"]
+    assert f"from {at(case, case.others_line)})" in first["summary"]
+
+
+def assert_uneven(report: dict, case: Case, *, op: str, steps: int, purpose: str = "") -> None:
+    """The odd rank left the training loop for another collective after `steps` steps; the
+    others wait in their next step's `op`: TD-06, with both lines."""
+    first, seq = verdict(report, case)
+    (odd,) = case.odd
+    others = ",".join(str(r) for r in range(case.world) if r != odd)
+    assert first["summary"] == (
+        f"Uneven inputs: rank {odd} ran out of batches after {steps} training steps and waits "
+        f"in barrier #{seq} of the default group (from {at(case, case.odd_line)}), while "
+        f"ranks {others} wait in {op} #{seq} of their step {steps + 1} ({purpose}from "
+        f"{at(case, case.others_line)})"), first["summary"]
 
 
 @pytest.mark.timeout(240)
@@ -72,15 +94,14 @@ def test_ddp_rank_that_skips_a_step(run_watch, tmp_path, name):
     if name == "ddp-mpiexec":
         mpiexec()  # skips where the local-mpi extra is missing
     report = hung(run_watch, tmp_path, CASES[name])
-    assert_mismatch_at_the_odd_ranks_call(report, CASES[name], odd_op="barrier no tensors",
-                                          op="all_reduce")
+    assert_uneven(report, CASES[name], op="all_reduce", steps=5,
+                  purpose="DDP's gradient bucket; ")
 
 
 @pytest.mark.timeout(240)
 def test_fsdp2_rank_that_skips_a_forward(run_watch, tmp_path):
     case = CASES["fsdp2-torchrun"]
-    assert_mismatch_at_the_odd_ranks_call(hung(run_watch, tmp_path, case), case,
-                                          odd_op="barrier no tensors", op="all_gather")
+    assert_uneven(hung(run_watch, tmp_path, case), case, op="all_gather", steps=5)
 
 
 @pytest.mark.timeout(240)

@@ -149,14 +149,19 @@ def test_mpi_barrier_with_a_rank_elsewhere(run_watch):
     assert not left_by_mpi() - before  # the ranks' segment went with them
 
 
-def test_gloo_all_reduce_with_a_rank_elsewhere(run_watch):
+@pytest.mark.parametrize("inject", [True, False])
+def test_gloo_all_reduce_with_a_rank_elsewhere(run_watch, inject):
+    """With agents (injected), the recorder names the sequence number; without, the stacks
+    alone name the collective and the odd rank."""
     run = run_watch([mpiexec(), "-n", "4", *program("td01_gloo_skip.py")],
-                    options=["--timeout", "3", "--grace", "2"], timeout=120,
+                    options=["--timeout", "3", "--grace", "2",
+                             *([] if inject else ["--no-inject"])], timeout=120,
                     env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     assert run.returncode == HANG, run.err
     (td01,) = [d for d in run.report["diagnosis"] if d["kind"] == "TD-01"]
     assert td01["ranks"] == [2]
-    assert td01["summary"].startswith("Ranks 0,1,3 wait in all_reduce at")
+    assert td01["summary"].startswith("Ranks 0,1,3 wait in all_reduce #2 of the default group"
+                                      if inject else "Ranks 0,1,3 wait in all_reduce at")
     assert "checkpoint_on_rank_2" in td01["summary"]
     tree = run.report["tree"]
     assert tree["ranks"] == [0, 1, 2, 3]
@@ -198,7 +203,9 @@ def test_a_blocking_open_of_a_fifo_is_named_as_one_not_as_a_slow_filesystem(run_
 
 
 def test_missing_py_spy_is_reported_and_the_job_still_ended(run_watch):
-    run = run_watch(program("gil_loop.py"), options=["--timeout", "1", "--grace", "1"],
+    # No agent (--no-inject): py-spy is the only reader of this process.
+    run = run_watch(program("gil_loop.py"), options=["--timeout", "1", "--grace", "1",
+                                                     "--no-inject"],
                     env={"HANGKIT_PY_SPY": "/nonexistent/py-spy"})
     assert run.returncode == HANG, run.err
     (ready,) = run.ready_records()
@@ -215,7 +222,8 @@ def test_ptrace_denied_is_reported_and_capture_carries_on(run_watch, tmp_path):
     wrapper.write_text(f"#!/bin/sh\nexec setpriv --reuid=65534 --regid=65534 --clear-groups "
                        f"{py_spy} \"$@\"\n")
     wrapper.chmod(0o755)
-    run = run_watch(program("gil_loop.py"), options=["--timeout", "1", "--grace", "1"],
+    run = run_watch(program("gil_loop.py"), options=["--timeout", "1", "--grace", "1",
+                                                     "--no-inject"],
                     env={"HANGKIT_PY_SPY": str(wrapper)})
     assert run.returncode == HANG, run.err
     (ready,) = run.ready_records()

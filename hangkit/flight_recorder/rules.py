@@ -12,7 +12,7 @@ line no longer shows.
 
 from __future__ import annotations
 
-from hangkit.flight_recorder.dumps import Entry
+from hangkit.flight_recorder.dumps import Entry, parsed
 from hangkit.flight_recorder.view import GroupView, Row, of_processes
 from hangkit.monitor.advice import ADVICE
 from hangkit.monitor.stacks import (
@@ -20,6 +20,7 @@ from hangkit.monitor.stacks import (
     innermost_user_frame,
     is_user_frame,
     main_location,
+    rank_branch,
     short_path,
     source_line,
 )
@@ -60,9 +61,16 @@ def diagnose_views(views: list[GroupView], ranks: dict[int, ProcessSnapshot] | N
 
 
 def _mismatch(view: GroupView, row: Row, ranks: dict[int, ProcessSnapshot]) -> Diagnosis:
-    # Each side with where it issued its call: the odd ones' line is the one to look at.
-    parts = "; ".join(f"{ranks_phrase(r)} {shape}{_where(row.entries.get(r[0]), ranks.get(r[0]))}"
-                      for shape, r in sorted(row.mismatch.items(), key=lambda kv: len(kv[1])))
+    # Each side with where it issued its call, and the rank-dependent branch the odd ones
+    # took: their line is the one to look at.
+    odd = odd_ones_out(list(row.mismatch.values()))
+    uneven = _uneven(view, row, ranks, odd)
+    if uneven is not None:
+        return uneven
+    parts = "; ".join(
+        f"{ranks_phrase(r)} {shape}"
+        f"{_where(row.entries.get(r[0]), ranks.get(r[0]), branch=r[0] in odd)}"
+        for shape, r in sorted(row.mismatch.items(), key=lambda kv: len(kv[1])))
     backend = row.entry.backend if row.entry else ""
     outcome = {
         "gloo": (" gloo fails such a collective on some ranks (\"Received data size doesn't "
@@ -73,10 +81,78 @@ def _mismatch(view: GroupView, row: Row, ranks: dict[int, ProcessSnapshot]) -> D
     return Diagnosis(
         kind="TD-02",
         summary=f"Ranks disagree on collective #{row.seq} of {view.group.label}: {parts}.{outcome}",
-        advice=ADVICE["TD-02"], ranks=_odd_ones_out(list(row.mismatch.values())))
+        advice=ADVICE["TD-02"], ranks=odd)
 
 
-def _odd_ones_out(sets: list[list[int]]) -> list[int]:
+def _uneven(view: GroupView, row: Row, ranks: dict[int, ProcessSnapshot], odd: list[int]
+            ) -> Diagnosis | None:
+    """TD-06: the others wait in a training step's collective (DDP's or FSDP's, issued inside
+    forward or backward) while the odd ranks, under no rank-dependent branch, are in another:
+    they ran out of batches. How many steps each side finished is counted in its recorder:
+    the collectives like the others' current one (same op and sizes) before it."""
+    rest = [r for r in row.issued if r not in odd and r in row.entries]
+    if not odd or not rest or any(r not in row.entries for r in odd):
+        return None
+    step, other = row.entries[rest[0]], row.entries[odd[0]]
+    if not _in_training_step(step, ranks.get(rest[0])) or \
+            _in_training_step(other, ranks.get(odd[0])) or \
+            rank_branch(_site_frame(other, ranks.get(odd[0]))):
+        return None
+    done, partial = _steps_before(ranks.get(odd[0]), view.group.name, step, row.seq)
+    if done is None:
+        return None
+    at_least = "at least " if partial else ""
+    verb = "waits" if len(rest) == 1 else "wait"
+    return Diagnosis(
+        kind="TD-06",
+        summary=(f"Uneven inputs: {ranks_phrase(odd)} ran out of batches after {at_least}"
+                 f"{done} training steps and {'waits' if len(odd) == 1 else 'wait'} in "
+                 f"{other.op} #{row.seq} of {view.group.label}"
+                 f"{_where(other, ranks.get(odd[0]))}, while {ranks_phrase(rest)} {verb} in "
+                 f"{step.op} #{row.seq} of their step {done + 1}"
+                 f"{_where(step, ranks.get(rest[0]))}"),
+        advice=ADVICE["TD-06"], ranks=odd, pids=[ranks[r].pid for r in odd if r in ranks])
+
+
+_TRAINING_FILES = ("torch/distributed/fsdp/", "torch/nn/parallel/distributed.py")
+
+
+def _issuing_frames(entry: Entry | None, p: ProcessSnapshot | None) -> tuple[list[Frame], bool]:
+    """(where the rank issued the entry, whether the recorder kept that stack): the recorder's
+    stack where it kept one, else the rank's own, since gloo blocks where it issued (NCCL's
+    rank has moved on: none)."""
+    frames = list(entry.frames) if entry else []
+    thread = p.main_thread if p is not None else None
+    if frames or entry is None or entry.backend == "nccl" or thread is None:
+        return frames, bool(frames)
+    return list(thread.frames), False
+
+
+def _in_training_step(entry: Entry, p: ProcessSnapshot | None) -> bool:
+    """Issued by DDP or FSDP inside forward or backward."""
+    return any(not f.native and (f.function.endswith("backward") and not is_user_frame(f)
+                                 or any(t in f.file for t in _TRAINING_FILES))
+               for f in _issuing_frames(entry, p)[0])
+
+
+def _site_frame(entry: Entry, p: ProcessSnapshot | None) -> Frame | None:
+    frames = _issuing_frames(entry, p)[0]
+    return innermost_user_frame(ThreadStack(0, None, frames)) if frames else None
+
+
+def _steps_before(p: ProcessSnapshot | None, group: str, step: Entry, seq: int
+                  ) -> tuple[int | None, bool]:
+    """(how many collectives like `step` the rank issued in the group before seq, whether its
+    recorder's buffer no longer reaches back to the group's first)."""
+    found = parsed(p.recording) if p is not None and p.recording is not None else None
+    if found is None:
+        return None, False
+    mine = [e for e in found[1] if e.group == group and not e.p2p and e.seq < seq]
+    same = sum(1 for e in mine if e.op == step.op and e.input_sizes == step.input_sizes)
+    return same, bool(mine) and min(e.seq for e in mine) > 1
+
+
+def odd_ones_out(sets: list[list[int]]) -> list[int]:
     """The ranks outside the largest set (all of them when no set is the largest)."""
     sizes = sorted((len(s) for s in sets), reverse=True)
     if len(sizes) > 1 and sizes[0] == sizes[1]:
@@ -140,14 +216,12 @@ def _issued_from(row: Row, ranks: dict[int, ProcessSnapshot]) -> str:
     return _where(row.entry, ranks[waiting[0]] if waiting else None)
 
 
-def _where(entry: Entry | None, p: ProcessSnapshot | None) -> str:
-    """Where one rank issued its entry: _issued_from for one rank's entry and stack."""
+def _where(entry: Entry | None, p: ProcessSnapshot | None, *, branch: bool = False) -> str:
+    """Where one rank issued its entry: _issued_from for one rank's entry and stack; with
+    `branch`, the rank-dependent if its call sits under."""
     thread = p.main_thread if p is not None else None
     here = innermost_user_frame(thread) if thread is not None else None
-    frames = list(entry.frames) if entry else []
-    recorded = bool(frames)
-    if not frames and entry is not None and entry.backend != "nccl" and thread:
-        frames = thread.frames
+    frames, recorded = _issuing_frames(entry, p)
     site = innermost_user_frame(ThreadStack(0, None, frames)) if frames else None
     backward = any(f.function.endswith("backward") and not is_user_frame(f) for f in frames)
     purpose = _BACKWARD_PURPOSE.get(entry.op) if backward and entry else None
@@ -156,6 +230,9 @@ def _where(entry: Entry | None, p: ProcessSnapshot | None) -> str:
     parts = [x for x in (purpose, _site(site, "from")) if x]
     if here is not None and site is not None and (here.file, here.line) != (site.file, site.line):
         parts.append(_site(here, "waiting at"))  # async_op=True, then wait() elsewhere
+    taken = rank_branch(site) if branch else None
+    if taken:
+        parts.append(f"under {taken}")
     return f" ({'; '.join(parts)})" if parts else ""
 
 

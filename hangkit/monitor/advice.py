@@ -29,6 +29,11 @@ ADVICE = {
     "TD-05": ("Rendezvous did not complete. Check that MASTER_ADDR is the first host of the job "
               "(PBS_NODEFILE), that MASTER_PORT is free (a port held by an earlier run gives "
               "EADDRINUSE), and that WORLD_SIZE equals the number of ranks launched."),
+    "TD-06": ("Ranks got different numbers of batches (a shard split by hand, a batch skipped "
+              "on one rank, no drop_last): the rank that ran out left the training loop while "
+              "the others still wait in a step's collectives. Give every rank the same number "
+              "of batches (DistributedSampler with drop_last=True), or wrap the loop in DDP's "
+              "model.join() (torch.distributed.algorithms.Join) for uneven inputs."),
     "WJ-01": ("A tracker or service is waiting on a network the compute node cannot reach. Set "
               "WANDB_MODE=offline (sync later with `wandb sync`), or configure the proxy, and run "
               "tracker init under a deadline so training continues without it."),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hangkit.flight_recorder.rules import from_recordings
+from hangkit.flight_recorder.rules import from_recordings, odd_ones_out
 from hangkit.monitor.advice import ADVICE
 from hangkit.monitor.collectives import Collective, collective_of
 from hangkit.monitor.merge import rank_processes
@@ -19,6 +19,7 @@ from hangkit.monitor.stacks import (
     innermost_python_frame,
     is_user_frame,
     main_location,
+    rank_branch,
     short_path,
     source_line,
     where,
@@ -147,7 +148,8 @@ def collective_split(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
     ranks = [p for p in _live(rank_processes(processes)) if p.rank is not None]
     if len(ranks) < 2:
         return []
-    inside = {p.rank: c for p in ranks if (c := collective_of(p.main_thread))}
+    inside = {p.rank: c for p in ranks if (c := collective_of(
+        p.main_thread, blocked=p.state == ProcessState.BLOCKED))}
     if not inside:
         return []
     family = "mpi" if all(c.family == "mpi" for c in inside.values()) else "torch"
@@ -158,14 +160,17 @@ def collective_split(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
     outside = [p for p in ranks if p.rank not in inside]
     found = []
     if len(by_op) > 1:
+        # Every rank waiting in some collective is a mismatch, never "never reached it": the
+        # ranks to look at are the odd ones out, with the rank-dependent branch they took.
+        odd = odd_ones_out([[q.rank for q in ps] for ps in by_op.values()])
         parts = [f"{who(sorted(q.rank for q in ps), [])} in {op}"
-                 f"{_site(inside[ps[0].rank])}" for op, ps in
+                 f"{_site(inside[ps[0].rank], branch=ps[0].rank in odd)}" for op, ps in
                  sorted(by_op.items(), key=lambda kv: len(kv[1]))]
         found.append(Diagnosis(
             kind="MP-02" if family == "mpi" else "TD-02",
             summary="Ranks wait in different collectives: " + "; ".join(parts),
             advice=ADVICE["MP-02" if family == "mpi" else "TD-02"],
-            ranks=sorted(inside), pids=[p.pid for ps in by_op.values() for p in ps]))
+            ranks=odd, pids=[p.pid for ps in by_op.values() for p in ps if p.rank in odd]))
     if outside:
         op, waiting = max(by_op.items(), key=lambda kv: len(kv[1]))
         spin = " (MPI busy-polls while it waits: high CPU here is waiting, not work)" if (
@@ -191,8 +196,14 @@ def collective_split(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
     return found
 
 
-def _site(c: Collective) -> str:
-    return f" at {short_path(c.call_site.file)}:{c.call_site.line}" if c.call_site else ""
+def _site(c: Collective, *, branch: bool = False) -> str:
+    """' (DDP's buffer broadcast) at train.py:40, under `if rank == 0:` at train.py:38'."""
+    out = f" ({c.purpose})" if c.purpose else ""
+    if c.call_site:
+        out += f" at {short_path(c.call_site.file)}:{c.call_site.line}"
+        taken = rank_branch(c.call_site) if branch else None
+        out += f", under {taken}" if taken else ""
+    return out
 
 
 def rendezvous(processes: list[ProcessSnapshot]) -> list[Diagnosis]:

@@ -112,6 +112,39 @@ def source_line(frame: Frame) -> str:
     return linecache.getline(frame.file, frame.line).strip()
 
 
+# Conditions that tell ranks apart: the branch a rank-only call sits under (FW-01..03).
+_RANK_CONDITION = re.compile(r"rank|is_main_process|is_local_main_process|is_global_zero|"
+                             r"is_world_process_zero|process_index|is_main\b")
+_BRANCH_LOOKBACK = 40  # lines: an if further up than this is not the call's own branch
+
+
+def rank_branch(frame: Frame | None) -> str | None:
+    """'`if accelerator.is_main_process:` at train.py:52': the rank-dependent if (or elif)
+    the frame's line sits under, from the file here; None where there is none."""
+    if frame is None or frame.native or not frame.line:
+        return None
+    lines = linecache.getlines(frame.file)
+    if not 0 < frame.line <= len(lines):
+        return None
+    indent = _indent(lines[frame.line - 1])
+    for n in range(frame.line, max(frame.line - _BRANCH_LOOKBACK, 0), -1):
+        text = lines[n - 1].strip()
+        outer = n == frame.line or _indent(lines[n - 1]) < indent
+        if not text or text.startswith("#") or not outer:
+            continue
+        indent = _indent(lines[n - 1])
+        if text.startswith(("if ", "elif ")) and _RANK_CONDITION.search(text.split(":")[0]):
+            head = text if n != frame.line else text.split(":")[0] + ":"
+            return f"`{head}` at {short_path(frame.file)}:{n}"
+        if indent == 0:
+            break
+    return None
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
 def main_location(p: ProcessSnapshot) -> str:
     """Where a process's main thread stands, in the user's terms."""
     thread = p.main_thread

@@ -22,22 +22,27 @@ class Case:
     # where the odd ranks issued their call, and the others theirs (lines of the script)
     odd_line: str = ""
     others_line: str = ""
+    branch: str = ""  # the rank-dependent if the odd ranks' call sits under
     extra: dict = field(default_factory=dict)
 
 
 CASES = {c.name: c for c in [
-    Case("ddp-torchrun", "ddp_skip_step.py", 3, "TD-02", (1,), "dist.barrier()",
+    # A rank that skipped a batch runs out of them one step before the others.
+    Case("ddp-torchrun", "ddp_skip_step.py", 3, "TD-06", (1,), "dist.barrier()",
          "loss.backward()"),
-    Case("ddp-mpiexec", "ddp_skip_step.py", 3, "TD-02", (1,), "dist.barrier()",
+    Case("ddp-mpiexec", "ddp_skip_step.py", 3, "TD-06", (1,), "dist.barrier()",
          "loss.backward()"),
-    Case("fsdp2-torchrun", "fsdp2_skip_forward.py", 3, "TD-02", (1,), "dist.barrier()",
+    Case("fsdp2-torchrun", "fsdp2_skip_forward.py", 3, "TD-06", (1,), "dist.barrier()",
          "loss = loss_fn(model(xb), yb)"),
     Case("lightning", "lightning_rank0_checkpoint.py", 3, "TD-02", (0,),
-         "trainer.save_checkpoint(path)", "trainer.fit(TinyClassifier(), loader)"),
+         "trainer.save_checkpoint(path)", "trainer.fit(TinyClassifier(), loader)",
+         "if trainer.is_global_zero and batch_idx == 2:"),
     Case("accelerate", "accelerate_main_only_wait.py", 3, "TD-02", (0,),
-         "accelerator.wait_for_everyone()", "accelerator.backward(loss)"),
+         "accelerator.wait_for_everyone()", "accelerator.backward(loss)",
+         "if step == 3 and accelerator.is_main_process:"),
     Case("hf-trainer", "hf_trainer_rank0_eval.py", 3, "TD-02", (0,),
-         "metrics = self.trainer.evaluate()", "trainer.train()"),
+         "metrics = self.trainer.evaluate()", "trainer.train()",
+         "if state.global_step == self.step and state.is_world_process_zero:"),
 ]}
 
 
