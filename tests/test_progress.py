@@ -76,9 +76,11 @@ def test_desync_is_located_by_sequence_numbers(run_watch, launcher, name, case, 
         assert desync["summary"] == ("Ranks are in different collectives: "
                                      f"rank 2 is in {odd} #4; ranks 0,1,3 are in {common} #4")
     else:
-        assert desync["summary"].startswith(
-            f"Ranks disagree on collective #4 of the default group: rank 2 {odd} Float[8]; "
-            f"ranks 0,1,3 {common} Float[8]")
+        summary = desync["summary"]  # each side with where it issued its call
+        assert summary.startswith(
+            f"Ranks disagree on collective #4 of the default group: rank 2 {odd} Float[8] "
+            f"(from `dist.{odd}(")
+        assert f"; ranks 0,1,3 {common} Float[8] (from `dist.{common}(" in summary
     assert desync["ranks"] == [2]
     assert "all-in-collective" not in kinds(report) and "IP-04" not in kinds(report)
     for number in range(4):

@@ -36,7 +36,7 @@ from hangkit import deadline
 from hangkit.agent import engine
 from hangkit.errors import HangkitError, UsageError
 from hangkit.procfs import remove_unheld_shared_memory, shared_memory_files
-from hangkit.records import Diagnosis, ProbeResult, TreeNode
+from hangkit.records import Diagnosis, ProbeResult, RankState, TreeNode
 from hangkit.text import ranks_phrase
 
 log = logging.getLogger(__name__)
@@ -243,11 +243,14 @@ class EngineCluster:
         view.apply_async(engine.start_agent, self.monitor.address,
                          self.monitor.key).get(timeout=CALL_TIMEOUT)
         ends_at = time.monotonic() + CALL_TIMEOUT
-        while len(self.monitor.statuses()) < self.n:  # the agents' first beats
+
+        def idle() -> int:  # engines whose agent said so: injected agents beat before that
+            return sum(1 for s in self.monitor.statuses() if s.status == RankState.IDLE)
+
+        while idle() < self.n:
             if time.monotonic() > ends_at:
-                raise ClusterStartError(f"only {len(self.monitor.statuses())} of {self.n} "
-                                        "engines' agents reached the monitor at "
-                                        f"{self.monitor.address}")
+                raise ClusterStartError(f"only {idle()} of {self.n} engines' agents reported "
+                                        f"idle to the monitor at {self.monitor.address}")
             time.sleep(0.05)  # ok-sleep: polls the monitor against the deadline above
 
     @property
