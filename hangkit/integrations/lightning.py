@@ -27,9 +27,9 @@ INSTALL = ("hangkit.integrations.lightning needs PyTorch Lightning: pip install 
 
 
 def _callback_base() -> type:
-    """The Callback class of the Lightning the job uses. A Trainer of one package does not
-    know the other's callbacks as its own, so where both are installed the one already
-    imported (the script's Trainer's) wins."""
+    """The Callback class of the Lightning the job uses. Lightning does not support mixing
+    the two packages' objects, so where both are installed the one already imported (the
+    script's Trainer's) wins."""
     for name in PACKAGES:
         if name in sys.modules and not any(o in sys.modules for o in PACKAGES if o != name):
             return sys.modules[name].Callback

@@ -22,7 +22,7 @@ from hangkit.agent.sidecar import RECORDING_SECONDS
 from hangkit.inject import no_agent_note
 from hangkit.monitor import nccl_pipe
 from hangkit.monitor.agentstacks import gather
-from hangkit.monitor.roles import FETCH_FILE, assign_roles, is_launcher
+from hangkit.monitor.roles import FETCH_FILE, assign_roles
 from hangkit.procfs import blocked_syscall, kernel_state, read_environ, runs_python
 from hangkit.rankenv import rank_from_environ
 from hangkit.records import (
@@ -34,6 +34,7 @@ from hangkit.records import (
     Role,
     ThreadStack,
 )
+from hangkit.shim import is_helper
 
 # A process using more than this share of one core between two samples is busy, not blocked.
 BUSY_CPU_PERCENT = 25.0
@@ -282,6 +283,7 @@ def _start(pid: int) -> _Pending:
             snap.ppid = proc.ppid()
             snap.cmdline = proc.cmdline()
             times = proc.cpu_times()
+            snap.age = round(max(time.time() - proc.create_time(), 0.0), 1)
         env = read_environ(pid)
         snap.rank = rank_from_environ(env)
         snap.no_agent = no_agent_note(pid, env)  # kept for ranks without an agent's stacks
@@ -318,10 +320,10 @@ def _finish_cpu(p: _Pending, wall: float) -> None:
 
 def _wants_stacks(snapshot: ProcessSnapshot, proc: psutil.Process) -> bool:
     """py-spy only on processes that run Python: mpiexec or a shell has no Python stack; and
-    not on launchers (torchrun, hangkit's own shims and relays): they wait for their children,
-    which is all their stacks would say."""
-    if is_launcher(snapshot.cmdline):
-        snapshot.stack_error = "a launcher: its children's stacks are what matters"
+    not on hangkit's own shims and relays. A Python launcher is read too: torchrun's elastic
+    agent waiting in rendezvous for a node that never came is where such a job stands (TD-05)."""
+    if is_helper(snapshot.cmdline):
+        snapshot.stack_error = "hangkit's own: its children's stacks are what matters"
         return False
     if runs_python(snapshot.pid, snapshot.cmdline):
         return True

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from hangkit.flight_recorder.rules import from_recordings, odd_ones_out
 from hangkit.monitor.advice import ADVICE
 from hangkit.monitor.collectives import Collective, collective_of
+from hangkit.monitor.elastic import in_rendezvous, missing_node_line, torchrun_args
 from hangkit.monitor.merge import rank_processes
 from hangkit.monitor.roles import FETCH_FILE
 from hangkit.monitor.stacks import (
@@ -223,6 +224,38 @@ def rendezvous(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
         advice=ADVICE["TD-05"], ranks=ranks, pids=[p.pid for p in stuck])]
 
 
+def elastic_rendezvous(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
+    """TD-05 (FW-04): torchrun's elastic agents wait in rendezvous for nodes that never
+    joined, so no rank has started: how many joined, of how many, where, for how long, and
+    the missing nodes' launch lines."""
+    agents = [(p, a) for p in processes if p.role == Role.LAUNCHER and in_rendezvous(p)
+              and (a := torchrun_args(p.cmdline)) is not None]
+    if not agents or any(p.role == Role.RANK for p in processes):
+        return []  # with ranks started, rendezvous is over, whatever a stack caught
+    args = agents[0][1]
+    want = args.min_nodes
+    ages = [p.age for p, _ in agents if p.age is not None]
+    waited = f" for {max(ages):.0f} s" if ages else ""
+    who_waits = ", ".join(f"pid {p.pid}" + (f" on {p.host}" if p.host else "") +
+                          (f", node rank {a.node_rank}" if a.node_rank is not None else "")
+                          for p, a in agents)
+    joined = len(agents)
+    count = f"{joined} of {want} nodes joined" if want and joined < want else \
+        f"{joined} node(s) joined"
+    summary = (f"torchrun's elastic agent ({who_waits}) waits in rendezvous at {args.endpoint} "
+               f"(--nnodes {args.nnodes}){waited}: {count}, so no rank has started")
+    known = {a.node_rank for _, a in agents}
+    missing = [r for r in range(want or 0) if str(r) not in known] if None not in known else []
+    if missing:
+        summary += ("; the missing node(s) run, each on a host of the job: " + "; ".join(
+            f"`{missing_node_line(args, r)}`" for r in missing))
+    elif want and joined < want:
+        summary += f"; {want - joined} more node(s) must run torchrun with --rdzv-endpoint " \
+                   f"{args.endpoint}"
+    return [Diagnosis(kind="TD-05", summary=summary, advice=ADVICE["TD-05"], ranks=[],
+                      pids=[p.pid for p, _ in agents])]
+
+
 def network_wait(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
     """WJ-01: a socket connect/recv inside an init (wandb.init and the like)."""
     found = []
@@ -358,6 +391,6 @@ def busy_rank(processes: list[ProcessSnapshot]) -> list[Diagnosis]:
 
 
 RULES: list[Callable[[list[ProcessSnapshot]], list[Diagnosis]]] = [
-    collective_split, dataloader_worker_stuck, rendezvous, network_wait, blocking_file_io,
-    lock_after_fork, busy_rank,
+    collective_split, dataloader_worker_stuck, elastic_rendezvous, rendezvous, network_wait,
+    blocking_file_io, lock_after_fork, busy_rank,
 ]

@@ -89,6 +89,7 @@ class ProcessSnapshot(Record):
     stacks_from: str | None = None  # "agent", "faulthandler" or "py-spy": who gave the stacks
     host: str | None = None  # the node it runs on (pids are per node)
     no_agent: str | None = None  # why this rank had no agent, where hangkit was told
+    age: float | None = None  # seconds since it started, at capture
 
     def __post_init__(self):  # so that code and tests may pass the plain words
         self.role = parse_enum(Role, self.role, Role.OTHER)
