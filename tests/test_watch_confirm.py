@@ -56,7 +56,7 @@ def helper_tree(g_state: ProcessState, helper: Activity, grown: float) -> str:
               ("n", 13): ProcessLook(13, 0, Role.DATALOADER_WORKER, Activity.SPINNING, "f")}
     for s in snap:
         s.host = "n"
-    credit_helpers(looked, snap, "n", {11: grown, 13: 5.0}, 2.0)
+    credit_helpers(looked, snap, "n", {11: (grown, 0.0), 13: (5.0, 0.0)}, 2.0)
     rank = looked[("n", 10)]
     return f"{rank.activity}: {rank.where}"
 
@@ -72,6 +72,20 @@ def test_a_rank_whose_helpers_work_is_progressing_and_its_workers_do_not_count()
         "in 2.0 s")
     # A spinning DataLoader worker's CPU is its own verdict, never the rank's progress.
     assert helper_tree(ProcessState.BLOCKED, Activity.WAITING, 0.1) == "waiting: wait (train.py:3)"
+
+
+def test_a_rank_whose_children_came_and_went_during_the_look_is_progressing():
+    """g++ runs for a second or two: gone before the capture, its CPU is in the rank's."""
+    rank = ProcessSnapshot(10, 1, 0, Role.RANK, ["python", "train.py"], ProcessState.BLOCKED,
+                           host="n")
+    looked = {("n", 10): ProcessLook(10, 0, Role.RANK, Activity.WAITING, "result (f.py:1)")}
+    credit_helpers(looked, [rank], "n", {10: (0.01, 1.2)}, 2.0)
+    assert looked[("n", 10)].activity == Activity.PROGRESSING
+    assert looked[("n", 10)].where.endswith(
+        "its subprocesses (exited children) used 1.2 s of CPU in 2.0 s")
+    credit_helpers(looked := {("n", 10): ProcessLook(10, 0, Role.RANK, Activity.WAITING, "r")},
+                   [rank], "n", {10: (1.9, 0.0)}, 2.0)  # its own CPU is its own activity
+    assert looked[("n", 10)].activity == Activity.WAITING
 
 
 def test_a_loop_is_named_by_every_place_it_returns_to_over_the_looks():

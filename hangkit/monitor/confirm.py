@@ -227,15 +227,19 @@ def credit_helpers(looked: dict[Who, ProcessLook], snapshots: list[ProcessSnapsh
     for (node, pid), p in looked.items():
         if not p.deciding or p.activity in (Activity.PROGRESSING, Activity.GONE):
             continue
-        why = _helper_work(node, children[(node, pid)], children, looked,
-                           grown if node == host else {}, seconds)
+        here = grown if node == host else {}
+        why = _helper_work(node, children[(node, pid)], children, looked, here, seconds,
+                           reaped=here.get(pid, (0.0, 0.0))[1])
         if why:
             p.activity, p.where = Activity.PROGRESSING, f"{p.where}, while {why}"
 
 
 def _helper_work(node: str, below: list[ProcessSnapshot], children, looked,
-                 grown: dict[int, float], seconds: float) -> str | None:
-    stack, used, names = list(below), 0.0, set()
+                 grown: dict[int, tuple[float, float]], seconds: float, *,
+                 reaped: float) -> str | None:
+    """Why the processes below a rank are at work, or None. `reaped`: the CPU the rank's own
+    children that ended during the look used (g++ runs for a second or two)."""
+    stack, used, names = list(below), reaped, {"exited children"} if reaped else set()
     while stack:
         s = stack.pop()
         if s.role in (Role.RANK, Role.DATALOADER_WORKER):
@@ -247,7 +251,7 @@ def _helper_work(node: str, below: list[ProcessSnapshot], children, looked,
         if not s.threads and s.state == ProcessState.BUSY:
             return f"its subprocess {s.pid} ({_program(s)}) is busy ({s.cpu_percent or 0:.0f}% CPU)"
         if s.pid in grown:
-            used += grown[s.pid]
+            used += sum(grown[s.pid])
             names.add(_program(s))
     if used >= HELPER_WORK_SHARE * seconds:
         return (f"its subprocesses ({', '.join(sorted(names)[:3])}) used {used:.1f} s of CPU "
@@ -259,19 +263,20 @@ def _program(s: ProcessSnapshot) -> str:
     return os.path.basename(s.cmdline[0]) if s.cmdline else str(s.pid)
 
 
-def _tree_cpu(pids: list[int]) -> dict[int, float]:
-    """Each process's CPU seconds, its reaped children's included."""
+def _tree_cpu(pids: list[int]) -> dict[int, tuple[float, float]]:
+    """Each process's CPU seconds: (its own, its children's that ended and were reaped)."""
     out = {}
     for pid in pids:
         with contextlib.suppress(psutil.Error):
             t = psutil.Process(pid).cpu_times()
-            out[pid] = t.user + t.system + t.children_user + t.children_system
+            out[pid] = (t.user + t.system, t.children_user + t.children_system)
     return out
 
 
-def _grown(before: dict[int, float]) -> dict[int, float]:
+def _grown(before: dict[int, tuple[float, float]]) -> dict[int, tuple[float, float]]:
     after = _tree_cpu(list(before))
-    return {pid: after[pid] - was for pid, was in before.items() if pid in after}
+    return {pid: (after[pid][0] - was[0], after[pid][1] - was[1])
+            for pid, was in before.items() if pid in after}
 
 
 def _cpu_seconds() -> float:

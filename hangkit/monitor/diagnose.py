@@ -38,7 +38,7 @@ from hangkit.records import (
 from hangkit.text import who
 
 # The stack rules' findings about torch collectives, which the recorder's view replaces.
-_RECORDER_KINDS = frozenset({"TD-01", "TD-02", "TD-09", "TD-10"})
+_RECORDER_KINDS = frozenset({"TD-01", "TD-02", "TD-06", "TD-09", "TD-10"})
 _RENDEZVOUS_FUNCTIONS = frozenset({
     "init_process_group", "rendezvous", "_create_c10d_store", "_store_based_barrier",
     "_env_rendezvous_handler", "_tcp_rendezvous_handler", "TCPStore", "wait_for_workers",
@@ -58,7 +58,7 @@ def diagnose(processes: list[ProcessSnapshot], events: list[StallEvent] = (),
     recorded = from_recordings(processes)
     # A desync the recorder saw needs no second telling from hangkit.instrument()'s counts.
     found = recorded + from_looks(looks) + [d for d in from_events(events)
-                                            if d.kind not in {r.kind for r in recorded}]
+                                            if not (recorded and d.kind in _RECORDER_KINDS)]
     if found:
         # The recorder's view of a collective, a dead rank or a desync read from sequence
         # numbers explains more than the same finding read from stacks, or "everyone waits in

@@ -38,6 +38,12 @@ def is_launcher(cmdline: list[str]) -> bool:
     return False
 
 
+def _same_script(a: ProcessSnapshot, b: ProcessSnapshot) -> bool:
+    kind, name = python_program(a.cmdline)
+    return kind == "script" and (kind, name) == python_program(b.cmdline) and \
+        a.cmdline[1:] == b.cmdline[1:]
+
+
 def ends_by_itself(cmdline: list[str]) -> bool:
     """mpiexec, hydra's proxies, and hangkit's shims and relays: gone once their ranks are."""
     return bool(cmdline) and (os.path.basename(cmdline[0]) in SELF_ENDING_NAMES
@@ -98,8 +104,12 @@ def assign_roles(snapshots: list[ProcessSnapshot], ranks: dict[int, int | None])
         upper = [a for a in ancestors(s) if a.role != Role.LAUNCHER]
         if s.rank is not None and all(a.rank != s.rank for a in upper):
             s.role = Role.RANK
-        elif s.rank is None and any(d.rank is not None for d in descendants(s)):
-            s.role = Role.LAUNCHER
+        elif s.rank is None and (ranked := [d for d in descendants(s) if d.rank is not None]):
+            # Lightning's launcher is rank 0 itself: it runs its script again for the others.
+            again = [d for d in ranked if d.ppid == s.pid and _same_script(s, d)]
+            s.role = Role.RANK if again else Role.LAUNCHER
+            if again and 0 not in {d.rank for d in ranked}:
+                s.rank = 0
         elif s.rank is None and not upper and not numbered:
             s.role = Role.RANK
         else:

@@ -43,6 +43,16 @@ CASES = {c.name: c for c in [
     Case("hf-trainer", "hf_trainer_rank0_eval.py", 3, "TD-02", (0,),
          "metrics = self.trainer.evaluate()", "trainer.train()",
          "if state.global_step == self.step and state.is_world_process_zero:"),
+    # A rank's script named like the launcher is still a rank.
+    Case("torchrun-named", "torchrun_ddp_train.py", 3, "TD-01", (2,),
+         "with open(fifo, \"rb\") as feed:", "loss.backward()"),
+    Case("lightning-worker", "lightning_stuck_worker.py", 2, "TD-01", (1,)),
+    Case("uneven-shards", "ddp_uneven_shards.py", 3, "TD-06", (2,), "dist.barrier()",
+         "loss.backward()"),
+    # One node of two launched: torchrun waits in rendezvous, no rank starts.
+    Case("two-nodes", "torchrun_two_nodes.py", 2, "TD-05", ()),
+    # Not a hang: a cold torch.compile, silent for tens of seconds after its first line.
+    Case("compile", "compile_cold_start.py", 1, "", ()),
 ]}
 
 
@@ -58,11 +68,21 @@ def command(case: Case, scratch: Path) -> tuple[list[str], dict[str, str]]:
     port = str(free_port())
     torchrun = [str(BIN / "torchrun"), "--nproc-per-node", str(case.world), "--master-port",
                 port, script]
-    if case.name == "ddp-mpiexec":
+    if case.name in ("ddp-mpiexec", "uneven-shards"):
         return ([str(BIN / "mpiexec"), "-n", str(case.world), sys.executable, script],
                 {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-    if case.name == "lightning":  # its own launcher: ranks 1.. are the script run again
-        return [sys.executable, script, str(scratch)], {"MASTER_PORT": port}
+    if case.name in ("lightning", "lightning-worker"):  # its own launcher: ranks 1.. are the
+        return [sys.executable, script, str(scratch)], {"MASTER_PORT": port}  # script again
+    if case.name == "two-nodes":
+        return ([str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", str(case.world),
+                 "--node-rank", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                 f"127.0.0.1:{port}", script], {})
+    if case.name == "compile":  # a cold compile: a fresh cache every run
+        cache = scratch / "inductor-cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        return [sys.executable, script], {"TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    if case.name == "torchrun-named":
+        return [*torchrun, str(scratch)], {}
     if case.name == "accelerate":
         return ([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes",
                  str(case.world), "--num_machines", "1", "--mixed_precision", "no",

@@ -34,8 +34,13 @@ Where each process waits:
   rank 0's worker:  idle in _worker_loop, waiting for the next indices (Queue.get)
 
 Note: Lightning installs a SIGTERM handler in every rank, and a rank blocked in a collective
-does not act on it: stopping the hung job takes SIGKILL. Killing rank 1 leaves its DataLoader
-worker blocked in open(): kill it by its own PID. The FIFO stays behind in DATA_DIR.
+does not act on it: stopping the hung job takes SIGKILL. Killing rank 1 alone leaves its
+DataLoader worker blocked in open(): kill it by its own PID. Lightning (2.6) starts rank 1 in
+rank 0's session and process group, so `timeout -s KILL` on the launch (which signals its
+process group) ends rank 0, rank 1 and both workers. The FIFO stays behind in DATA_DIR.
+Where mpi4py is installed, Lightning's MPIEnvironment.detect() imports it, so every rank
+initializes MPI: a rank killed with SIGKILL leaves /dev/shm/mpich_shm_<pid in hex>_0 behind
+(MPICH).
 """
 
 import os
