@@ -26,7 +26,6 @@ the script ends (checked afterwards by an environment marker).
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
