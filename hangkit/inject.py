@@ -30,10 +30,9 @@ from pathlib import Path
 from hangkit.bootstrap import INJECT_VARIABLE, NO_AGENT_PREFIX, WATCHER_VARIABLE
 
 HOOK_PREFIX = "hangkit-hook-"
-# $HANGKIT_INJECT: a hook directory (watch's, on its node), or one of these. Each `hangkit rank`
-# makes its own directory where the job wants one: watch's is not on other nodes.
+# $HANGKIT_INJECT: the job's hook directory (watch's or EngineCluster's, on its node), or this.
+# A `hangkit rank` on another node makes one of its own for its rank.
 INJECT_OFF = "off"  # the user turned it off: the report says so
-INJECT_ON = "on"  # wanted, no directory yet (EngineCluster: its shims make them)
 NOTE_BYTES = 500  # what a no-agent note may hold: one line of reason
 
 
@@ -81,8 +80,26 @@ def remove_hook(hook: str | None) -> None:
 
 
 def wanted(env: dict[str, str] | None) -> bool:
-    """Whether a shim should give its rank a hook of its own."""
+    """Whether the job wants the hook (on, or a directory)."""
     return (env or {}).get(INJECT_VARIABLE, INJECT_OFF) != INJECT_OFF
+
+
+def needs_own_hook(env: dict[str, str]) -> bool:
+    """Whether a shim must give its rank a hook of its own: the job wants one, and the job's
+    directory is not here (watch's lies on its node only) or not ours."""
+    return wanted(env) and not _ours(env.get(INJECT_VARIABLE, ""))
+
+
+def _ours(path: str) -> bool:
+    """A private directory of this user's: one another user made could hold any code."""
+    if not os.path.isabs(path):
+        return False
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and \
+        not stat.S_IMODE(info.st_mode) & 0o077
 
 
 def described(env: dict[str, str] | None) -> str:
@@ -100,13 +117,9 @@ def no_agent_note(pid: int, env: dict[str, str] | None) -> str | None:
     hook = (env or {}).get(INJECT_VARIABLE)
     if hook == INJECT_OFF:
         return "injection was off (--no-inject)"
-    if not hook or not os.path.isabs(hook):
+    if not hook or not _ours(hook):
         return None
     with contextlib.suppress(OSError):
-        info = os.lstat(hook)
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or \
-                stat.S_IMODE(info.st_mode) & 0o077:
-            return None
         fd = os.open(os.path.join(hook, f"{NO_AGENT_PREFIX}{pid}"), os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, "rb") as f:
             if os.fstat(f.fileno()).st_uid != os.getuid():

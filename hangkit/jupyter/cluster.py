@@ -35,6 +35,7 @@ from typing import Any
 from hangkit import deadline
 from hangkit.agent import engine
 from hangkit.errors import HangkitError, UsageError
+from hangkit.inject import remove_hook
 from hangkit.procfs import remove_unheld_shared_memory, shared_memory_files
 from hangkit.records import Diagnosis, ProbeResult, RankState, TreeNode
 from hangkit.text import ranks_phrase
@@ -143,6 +144,7 @@ class EngineCluster:
         self.environ = dict(os.environ if environ is None else environ)
         self.flight_recorder = flight_recorder
         self.inject = inject
+        self._hook: str | None = None  # the engines' start-up hook directory
         self.monitor = None
         self.client = None
         self.engines: dict[int, dict] = {}  # rank -> engine.info()
@@ -184,7 +186,7 @@ class EngineCluster:
 
         from hangkit.bootstrap import INJECT_VARIABLE
         from hangkit.flight_recorder.environment import recorder_environment
-        from hangkit.inject import INJECT_OFF, INJECT_ON
+        from hangkit.inject import inject_environment
         from hangkit.launcher import find_mpiexec, mpiexec_command
 
         config = Config()
@@ -201,8 +203,9 @@ class EngineCluster:
         # The engines' collectives, for stacks() and the dashboard (or none, when turned off).
         wanted = recorder_environment(self.environ, on=self.flight_recorder)[0]
         # Every Python process the engines start (a cell's torchrun, its ranks) gets an agent
-        # with no change to its code: each engine's shim makes the hook (hangkit/inject.py).
-        wanted[INJECT_VARIABLE] = INJECT_ON if self.inject else INJECT_OFF
+        # with no change to its code (hangkit/inject.py); close() removes the hook.
+        hooked, self._hook = inject_environment(self.environ, on=self.inject)
+        wanted.update({k: hooked[k] for k in ("PYTHONPATH", INJECT_VARIABLE) if k in hooked})
         config.MPIEngineSetLauncher.environment = {
             **{k: v for k, v in wanted.items() if self.environ.get(k) != v},
             **self.monitor.environment()}  # for the shims, which start the relays
@@ -290,6 +293,8 @@ class EngineCluster:
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
+        remove_hook(self._hook)
+        self._hook = None
 
     def _launched(self) -> list:
         """Every process the cluster started (the controller and its schedulers, mpiexec and

@@ -28,7 +28,7 @@ import uuid
 from hangkit.bootstrap import WATCHER_VARIABLE
 from hangkit.errors import UsageError
 from hangkit.flight_recorder.environment import NCCL_PIPE_VARIABLE
-from hangkit.inject import inject_environment, remove_hook, wanted
+from hangkit.inject import inject_environment, needs_own_hook, remove_hook
 from hangkit.monitor.nccl_pipe import remove_pipes
 from hangkit.rankenv import RANK_VARIABLES, local_rank_from_environ, rank_from_environ
 from hangkit.shim import MADE_MARK, RELAY_VARIABLE, SHIM_MARKER, relay_paths
@@ -115,9 +115,9 @@ def run(command: list[str], *, bind_gpu: bool = True) -> int:
     env = rank_environment(dict(os.environ), bind_gpu=bind_gpu)
     relay = start_relay(env)
     shim_pid = os.getpid()
-    # The rank's own hook, on this node: the job's (watch's) lies on the first node only.
+    # The rank's own hook where the job's (watch's) is not on this node.
     hook = None
-    if wanted(env):
+    if needs_own_hook(env):
         env, hook = inject_environment(env)
 
     def in_child() -> None:  # between fork and exec: no Python objects beyond these calls
