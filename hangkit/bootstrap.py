@@ -32,16 +32,18 @@ in any interpreter the job uses. The rank and launcher names live here, for hang
 import os
 import sys
 
-# Variables that carry a process's rank, innermost launcher first: torchrun (and Lightning,
-# Accelerate, DeepSpeed) set RANK for ranks they start under an mpiexec or srun that set its
-# own, per node, for torchrun itself.
-RANK_VARIABLES = ("RANK", "PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "PALS_RANKID",
-                  "SLURM_PROCID")
-SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE", "PALS_SIZE",
-                  "SLURM_NTASKS")
+# Variables that carry a process's rank, in the order launchers are checked: MPI's and the
+# schedulers' first (a job script may export WORLD_SIZE of its own), RANK last; under torchrun
+# (TORCHELASTIC_RUN_ID) its RANK comes first (rankenv.py): an mpiexec or srun around it set
+# theirs per node, for torchrun itself.
+RANK_VARIABLES = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "PALS_RANKID",
+                  "SLURM_PROCID", "RANK")
+SIZE_VARIABLES = ("PMI_SIZE", "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE", "PALS_SIZE",
+                  "SLURM_NTASKS", "WORLD_SIZE")
 # A process's rank on its own node (which GPU it takes).
-LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "PALS_LOCAL_RANKID", "MPI_LOCALRANKID",
-                        "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
+LOCAL_RANK_VARIABLES = ("PALS_LOCAL_RANKID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK",
+                        "SLURM_LOCALID", "LOCAL_RANK")
+TORCHRUN_VARIABLE = "TORCHELASTIC_RUN_ID"  # set by torchrun for the ranks it starts
 
 # The hook directory this job's processes take as theirs (hangkit/inject.py sets it).
 INJECT_VARIABLE = "HANGKIT_INJECT"

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 # The variables' names live in bootstrap.py, which every process of a watched job runs.
-from hangkit.bootstrap import LOCAL_RANK_VARIABLES, RANK_VARIABLES, SIZE_VARIABLES
+from hangkit.bootstrap import (
+    LOCAL_RANK_VARIABLES,
+    RANK_VARIABLES,
+    SIZE_VARIABLES,
+    TORCHRUN_VARIABLE,
+)
+
+_TORCHRUN_OWN = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 __all__ = ["LOCAL_RANK_VARIABLES", "RANK_VARIABLES", "SIZE_VARIABLES", "local_rank_from_environ",
            "rank_from_environ", "world_size_from_environ"]
 
 
 def _first_int(env: dict[str, str] | None, names: tuple[str, ...]) -> int | None:
+    if (env or {}).get(TORCHRUN_VARIABLE) and names[-1] in _TORCHRUN_OWN:
+        names = (names[-1], *names[:-1])  # torchrun's own, over an mpiexec's around it
     for name in names:
         value = (env or {}).get(name)
         if value is not None and value.strip().isdigit():

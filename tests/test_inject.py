@@ -191,3 +191,21 @@ def test_a_rank_without_an_agent_is_asked_through_torchs_nccl_debug_pipe(run_wat
     ops = [e["profiling_name"] for e in recording["dump"]["entries"]]
     assert ops == ["nccl:all_reduce"] * 3
     assert not os.path.exists(pipe)
+
+
+@pytest.mark.parametrize(("env", "rank", "size"), [
+    ({"PMI_RANK": "1", "PMI_SIZE": "2"}, 1, 2),
+    # A job script's own WORLD_SIZE does not stand over the launcher's (mpiexec -n 2).
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "WORLD_SIZE": "3"}, 1, 2),
+    # torchrun under mpiexec (one agent a node): torchrun's numbers are the rank's.
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "RANK": "5", "WORLD_SIZE": "8",
+      "TORCHELASTIC_RUN_ID": "j"}, 5, 8),
+    ({"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}, 3, 4),
+    # Lightning's spawned ranks on its first node: LOCAL_RANK and NODE_RANK only.
+    ({"LOCAL_RANK": "2", "NODE_RANK": "0", "WORLD_SIZE": "3"}, 2, 3),
+    ({"LOCAL_RANK": "2", "NODE_RANK": "1"}, None, None),
+])
+def test_rank_numbers_come_from_the_innermost_launcher(env, rank, size):
+    from hangkit.rankenv import rank_from_environ, world_size_from_environ
+
+    assert (rank_from_environ(env), world_size_from_environ(env)) == (rank, size)

@@ -22,7 +22,7 @@ from hangkit.training.dataloader import (
 )
 
 sys.path.insert(0, str(PROGRAMS / "training_dl"))
-import datasets  # noqa: E402
+import dl_datasets as datasets  # noqa: E402  (not `datasets`: the HF package's name)
 
 LOGGER = "hangkit.training.dataloader"
 
@@ -62,7 +62,7 @@ def test_healthy_dataset_uses_requested_workers_and_publishes_states(caplog):
 
 
 def blocking_line() -> int:
-    source = (PROGRAMS / "training_dl" / "datasets.py").read_text().splitlines()
+    source = (PROGRAMS / "training_dl" / "dl_datasets.py").read_text().splitlines()
     return next(i for i, text in enumerate(source, 1) if "# the blocking line" in text)
 
 
@@ -83,7 +83,7 @@ def test_dl01_blocking_getitem_names_worker_index_and_stack(monkeypatch):
     assert "fetching dataset index 9" in text
     assert isinstance(err, TimeoutError) and "timed out" in str(err.__cause__)
     # The stack, from py-spy, reaches the blocking line of the dataset.
-    assert f'datasets.py", line {blocking_line()}, in BlocksAt.__getitem__' in text, text
+    assert f'dl_datasets.py", line {blocking_line()}, in BlocksAt.__getitem__' in text, text
     assert text.startswith("rank 5: "), text
 
 
