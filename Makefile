@@ -31,7 +31,8 @@ test-loaded: $(STAMP)
 	$(PY) tests/under_load.py 2 -- $(VENV)/bin/pytest tests/test_watch_hangs.py \
 		tests/test_watch_confirm.py tests/test_watch_basics.py tests/test_progress.py \
 		tests/test_demo.py tests/test_jupyter_cluster.py tests/test_flight_recorder.py \
-		tests/test_jupyter_magic.py tests/test_shim.py tests/test_multinode.py
+		tests/test_jupyter_magic.py tests/test_shim.py tests/test_multinode.py \
+		tests/test_inject.py tests/test_frameworks.py
 
 # JupyterLab on the notebooks, on this machine (ssh -L 8888:localhost:8888 to reach it).
 lab: $(STAMP)
