@@ -185,9 +185,9 @@ def _sample(monitor, agents: dict[str, RankStatus], pids: list[int], nodes: list
     for key in [k for k in agents if k not in answered]:
         del agents[key]
     for key, threads in answered.items():
-        r = agents[key]
+        r = agents.get(key)  # an agent numbered by its process group meanwhile answers
         main = next((t for t in threads if t.is_main), threads[0] if threads else None)
-        if main is not None:
+        if r is not None and main is not None:  # under its new key: its next sample counts
             out[(r.host, r.pid)] = main
     dumps = [(pid, pyspy.start_dump(pid, native=False)) for pid in pids
              if (monitor.host, pid) not in out]
