@@ -32,7 +32,7 @@ test-loaded: $(STAMP)
 		tests/test_watch_confirm.py tests/test_watch_basics.py tests/test_progress.py \
 		tests/test_demo.py tests/test_jupyter_cluster.py tests/test_flight_recorder.py \
 		tests/test_jupyter_magic.py tests/test_shim.py tests/test_multinode.py \
-		tests/test_inject.py tests/test_frameworks.py
+		tests/test_inject.py tests/test_frameworks.py tests/test_attach.py tests/test_watch_death.py
 
 # JupyterLab on the notebooks, on this machine (ssh -L 8888:localhost:8888 to reach it).
 lab: $(STAMP)
@@ -43,11 +43,14 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_agent.py
 	$(PY) benchmarks/bench_doctor.py
 	$(PY) benchmarks/bench_trust.py
+	$(PY) benchmarks/bench_hostile_monitor.py
 	$(PY) benchmarks/bench_flight_recorder.py
 	$(PY) benchmarks/bench_notebook_cells.py
 	$(PY) benchmarks/bench_multinode.py
 	$(PY) benchmarks/bench_inject.py
 	$(PY) benchmarks/bench_frameworks.py
+	$(PY) benchmarks/bench_attach.py
+	$(PY) benchmarks/bench_hostile_dump.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

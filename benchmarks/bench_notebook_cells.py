@@ -5,6 +5,10 @@ runs). Each figure is printed with its ratio to its goal.
    interleaved. Goal: <= 0.3 s.
 2. Time from the deadline to the verdict shown: a `%%hk --timeout 3` cell whose ranks sleep,
    timed from the cell's start to its return, less the 3 s. Goal: <= 3 s.
+3. A hung %%hk cell returns within --silence + 3 s: a `%%hk --timeout 300 --silence 3` cell
+   whose DataLoader worker hangs in the cell's own Dataset (no output, no hangkit.progress()),
+   on new engines with torch already imported, timed from the cell's start to its return, less
+   the 3 s of silence. Goal: <= 3 s.
 
 Run from the repository root:  .venv/bin/python benchmarks/bench_notebook_cells.py [--runs N]
 
@@ -24,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from benchrun import (
     MARKER,
     MARKER_VALUE,
@@ -33,8 +38,10 @@ from benchrun import (
     measure_all,
     print_summary,
 )
+from test_jupyter_magic import HUNG_WORKER  # noqa: E402  the test's cell
 
 DEADLINE = 3.0
+SILENCE = 3.0
 
 
 def figure_overhead(shell, runs: int):
@@ -63,6 +70,25 @@ def figure_deadline(shell, workdir: Path):
                   after / 3.0, after <= 3.0)
 
 
+def figure_silence(shell, cluster):
+    cluster.restart()  # figure 2 leaves its ranks asleep
+    with contextlib.redirect_stdout(io.StringIO()):
+        shell.run_cell_magic("hk", "--timeout 120", "import torch")  # not part of the figure
+    printed = io.StringIO()
+    started = time.monotonic()
+    with contextlib.redirect_stdout(printed):
+        shell.run_cell_magic("hk", f"--timeout 300 --silence {SILENCE:g}", HUNG_WORKER)
+    took = time.monotonic() - started
+    run = cluster.cells[-1]
+    if run.outcome != "silent" or "[DL-01]" not in printed.getvalue():
+        raise RuntimeError(f"not the silent cell's verdict ({run.outcome}): "
+                           f"{printed.getvalue()[-500:]}")
+    after = took - SILENCE
+    return judged(f"A hung %%hk cell returns within --silence + 3 s (--silence {SILENCE:g})",
+                  f"{after:.2f} s after the silence ({took:.2f} s in all)", "<= 3 s",
+                  after / 3.0, after <= 3.0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
@@ -86,7 +112,8 @@ def main() -> int:
             view.activate()  # %%px on the same engines
             shell.run_line_magic("load_ext", "hangkit.jupyter")
             figures = [("1. %%hk overhead", lambda _: figure_overhead(shell, runs)),
-                       ("2. deadline to verdict", lambda w: figure_deadline(shell, w))]
+                       ("2. deadline to verdict", lambda w: figure_deadline(shell, w)),
+                       ("3. silence to verdict", lambda _: figure_silence(shell, cluster))]
             results = measure_all(figures, Path(tmp), end=cluster.close)
         finally:
             cluster.close()

@@ -1,5 +1,6 @@
-"""The `hangkit` command. Exit codes: 0 ok, 1 failure (doctor: a probe failed or timed out),
-2 bad usage, 124 a hang was caught (watch), otherwise the watched command's own exit code."""
+"""The `hangkit` command. Exit codes: 0 ok, 1 failure (doctor: a probe failed or timed out;
+attach: no such job), 2 bad usage, 124 a hang was caught (watch, attach), otherwise the
+watched command's own exit code."""
 
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ def _seconds_argument(text: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"not a finite number of seconds: {text!r}")
     return value
+
+
+def _pid_argument(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
+    return int(text)
 
 
 def _progress_timeout_argument(text: str) -> float | str:
@@ -107,6 +114,35 @@ def build_parser() -> argparse.ArgumentParser:
                     help="set CUDA_VISIBLE_DEVICES to the local rank (or the local rank-th of "
                     "the devices it lists) before the rank starts (default: on)")
     rk.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+
+    at = sub.add_parser("attach", help="look at a running job hangkit did not start: where "
+                        "every rank and worker is, and whether it is hung", description="Find "
+                        "the job that PID belongs to (its launcher's tree, its ranks and their "
+                        "DataLoader workers, and under PBS every process with its PBS_JOBID), "
+                        "or PBS job ID on each of its nodes; look at every process as watch "
+                        "does, capture, diagnose, and write the same hang report. The job "
+                        "goes on (unless --end, and then only when it is hung). A job under "
+                        "hangkit watch is asked through its watch, which writes a snapshot "
+                        "beside its reports. Exit 124: hung; 0: a rank or worker is "
+                        "progressing (it says which); 1: no such job; 2: bad usage.")
+    at.add_argument("pid", nargs="?", type=_pid_argument, metavar="PID",
+                    help="any process of the job on this node: its launcher or a rank")
+    at.add_argument("--job", default=None, metavar="PBS_JOBID",
+                    help="the PBS job to look at, on every one of its nodes (its node file "
+                    "inside the job, else qstat -f), reached with ssh ($HANGKIT_SSH)")
+    at.add_argument("--hosts", type=Path, default=None, metavar="FILE",
+                    help="with --job: the nodes to look on, one per line (a PBS node file)")
+    at.add_argument("--timeout", type=_seconds_argument, default=0.0, metavar="S",
+                    help="while a rank or worker is seen progressing, look again for up to S "
+                    "seconds before saying so (default: 0, one look)")
+    at.add_argument("--end", action="store_true",
+                    help="end the job, as watch does, when it is judged hung")
+    at.add_argument("--grace", type=_seconds_argument, default=30.0, metavar="S",
+                    help="with --end: seconds between SIGTERM and SIGKILL (default: 30)")
+    at.add_argument("--report-dir", type=Path, default=None, metavar="DIR",
+                    help="where the report goes (default: a new directory under the current "
+                    "one)")
+    at.add_argument("--node-json", action="store_true", help=argparse.SUPPRESS)
 
     doc = sub.add_parser("doctor", help="run every hang probe, each in a child with a deadline",
                          description="Run the hang probes (each in its own process with a "
@@ -186,6 +222,44 @@ def _watch(args) -> int:
                               flight_recorder=args.flight_recorder, inject=args.inject))
 
 
+def _attach(args) -> int:
+    import json
+
+    from hangkit.monitor.attach import attach, node_json
+
+    check_seconds_or_zero("--timeout", args.timeout)
+    check_seconds_or_zero("--grace", args.grace)
+    if (args.pid is None) == (args.job is None):
+        raise UsageError("give a PID or --job PBS_JOBID (one of them)")
+    if args.hosts is not None and args.job is None:
+        raise UsageError("--hosts goes with --job")
+    if args.node_json:  # one node's answer to an attach --job on several (attach_nodes)
+        if args.job is None:
+            raise UsageError("--node-json goes with --job")
+        print(json.dumps(node_json(args.job, timeout=args.timeout)))
+        return 0
+    hosts = None
+    if args.hosts is not None:
+        from hangkit.launcher import nodefile_hosts
+
+        try:
+            hosts = list(dict.fromkeys(nodefile_hosts(args.hosts)))
+        except OSError as e:
+            raise UsageError(f"--hosts: cannot read {args.hosts}: {e.strerror}") from None
+        if not hosts:
+            raise UsageError(f"--hosts: no host in {args.hosts}")
+    result = attach(args.pid if args.pid is not None else args.job, hosts=hosts,
+                    timeout=args.timeout, end=args.end, report_dir=args.report_dir,
+                    grace=args.grace)
+    for line in result.summary:
+        print(line, file=sys.stderr)
+    if result.paths:
+        print(f"hangkit: report: {result.paths[1]} (and {result.paths[0].name} beside it)",
+              file=sys.stderr)
+    print(f"hangkit: {result.message}", file=sys.stderr)
+    return result.exit_code
+
+
 def _doctor(args) -> int:
     import time
 
@@ -226,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             return _watch(args)
         if args.command_name == "doctor":
             return _doctor(args)
+        if args.command_name == "attach":
+            return _attach(args)
         if args.command_name == "rank":
             from hangkit.shim.rank import run as run_rank
 

@@ -85,8 +85,26 @@ def kernel_state(pid: int) -> str | None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Running and not a zombie (an exited child its parent has not reaped yet)."""
-    return kernel_state(pid) not in (None, "Z", "X")
+    """Running and not a zombie (an exited child its parent has not reaped yet). Only the
+    kernel's word that the process is gone reads as gone: a /proc file that cannot be opened
+    for another reason (out of descriptors under a flood of connections, EMFILE) asks
+    kill(pid, 0), which needs none, and otherwise reads as alive (issue 24: it read as death)."""
+    if not isinstance(pid, int) or pid <= 0:  # kill(0) would be our own process group
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:  # EPERM: another user's, and there
+            pass
+        return True
+    return text[text.rfind(")") + 2:][:1] not in ("", "Z", "X")
 
 
 def blocked_syscall(pid: int, tid: int | None = None) -> Syscall | None:

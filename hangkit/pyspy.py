@@ -107,13 +107,27 @@ def _failure(stderr: str, pid: int) -> DumpResult:
     lowered = stderr.lower()
     if not os.path.exists(f"/proc/{pid}"):
         return DumpResult([], error="process exited during capture", gone=True)
-    if "failed to find python version" in lowered or "failed to get process executable" in lowered:
+    # Without ptrace permission py-spy cannot even read the executable's name (/proc/PID/exe).
+    denied = "permission denied" in lowered or "operation not permitted" in lowered or (
+        "failed to get process executable" in lowered and not _exe_readable(pid))
+    if not denied and ("failed to find python version" in lowered
+                       or "failed to get process executable" in lowered):
         return DumpResult([], error="not a Python process")
-    if "permission denied" in lowered or "operation not permitted" in lowered:
+    if denied:
         return DumpResult([], error=(
             f"py-spy could not attach (ptrace denied: {first}); allow ptrace "
             "(kernel.yama.ptrace_scope=0 or CAP_SYS_PTRACE) to get this process's stacks"))
     return DumpResult([], error=f"py-spy failed: {first}", unexplained=True)
+
+
+def _exe_readable(pid: int) -> bool:
+    try:
+        os.readlink(f"/proc/{pid}/exe")
+    except PermissionError:
+        return False
+    except OSError:
+        pass  # gone, or a kernel thread: not a question of permission
+    return True
 
 
 def parse_dump(data: list[dict], pid: int) -> list[ThreadStack]:

@@ -44,6 +44,19 @@ def iso_time(t: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() if t is None else t))
 
 
+# What a value may take on a screen: a path, a frame, a reason of a few lines. A file someone
+# else wrote may hold a value of any length (a 200 MB reason); it is shown cut, saying so.
+SHOWN_CHARACTERS = 1000
+
+
+def cut(text: str, limit: int = SHOWN_CHARACTERS) -> str:
+    """text as it is shown: its first `limit` characters and '... (N characters cut)' when
+    longer. The one place a long value is cut for showing."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit:,} characters cut)"
+
+
 def first_line(text: str, default: str = "") -> str:
     """The first line of text that is not blank, stripped."""
     return next((line.strip() for line in text.splitlines() if line.strip()), default)

@@ -44,7 +44,9 @@ __all__ = [
     "chromium",
     "have_chromium",
     "jupyter_lab",
+    "check_shows_something",
     "run_notebook_in_lab",
+    "save_element_screenshot",
     "save_screenshot",
 ]
 
@@ -332,6 +334,60 @@ def save_screenshot(page: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+def save_element_screenshot(locator: Any, path: Path, *, max_height: int = 4000) -> Path:
+    """A PNG of one element (a cell's output area, a widget) at `path`; returns `path`.
+    Scrolled into view first: JupyterLab paints only the cells in view, and a page screenshot
+    of a long notebook is the empty part of its panel. An element taller than the notebook's
+    panel would be cut to the part in view, under the toolbar: the page grows to hold it
+    whole (up to `max_height` pixels) for the screenshot, and is then put back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page, box = locator.page, locator.bounding_box()
+    size = dict(page.viewport_size or {})
+    # The panel is the page less JupyterLab's menu, toolbar and status bar (~150 px).
+    needed = int(box["height"]) + 250 if box else 0
+    try:
+        if size and needed > size["height"]:
+            page.set_viewport_size({"width": size["width"],
+                                    "height": min(needed, max_height)})
+        locator.scroll_into_view_if_needed()
+        locator.screenshot(path=str(path), animations="disabled")
+    finally:
+        if size and page.viewport_size != size:
+            page.set_viewport_size(size)
+    return path
+
+
+def _colours(path: Path):
+    """The PNG's pixels as one integer per pixel (RGB, 8 bits each), and its (height, width)."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    pixels = imread(str(path))  # floats in [0, 1] for a PNG, RGB or RGBA
+    rgb = np.rint(np.asarray(pixels)[..., :3] * 255).astype(np.uint32)
+    return (rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]).ravel(), rgb.shape[:2]
+
+
+def check_shows_something(path: Path, *, others: tuple[Path, ...] = (), min_ink: float = 0.005,
+                          min_colours: int = 8) -> None:
+    """Raises AssertionError unless the PNG at `path` shows something: at least `min_ink` of
+    its pixels differ from its most common colour (the background), in at least
+    `min_colours` colours (text is anti-aliased), and its pixels are not those of any of
+    `others` (another screenshot that should show something else)."""
+    import numpy as np
+
+    colours, shape = _colours(path)
+    values, counts = np.unique(colours, return_counts=True)
+    ink = 1 - counts.max() / colours.size
+    assert ink >= min_ink and len(values) >= min_colours, (
+        f"{path}: {shape[1]}x{shape[0]} px is nearly one colour (#{values[counts.argmax()]:06x}"
+        f" on {1 - ink:.2%} of it, {len(values)} colours in all)")
+    for other in others:
+        theirs, their_shape = _colours(other)
+        assert their_shape != shape or not np.array_equal(colours, theirs), (
+            f"{path} has the same pixels as {other}")
 
 
 # Reads the notebook opened at `path` from JupyterLab's own models; returns a plain dict.

@@ -336,3 +336,16 @@ def test_without_a_recorder_the_agent_reads_nothing(buffer):
         assert found["entries"] == 3
         assert found["groups"]["0"]["ranks"] == "[0]"
         assert found["live"]["seq"] == 3 and not found["live"]["inside"]
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"TORCH_FR_DUMP_TEMP_FILE": "/scratch/j/trace_", "HOME": "/home/u"}, ["/scratch/j/trace_"]),
+    ({"XDG_CACHE_HOME": "/c", "HOME": "/home/u"},
+     ["/c/torch/comm_lib_trace_rank_", "/tmp/nccl_trace_rank_"]),
+    ({"HOME": "/home/u"}, ["/home/u/.cache/torch/comm_lib_trace_rank_", "/tmp/nccl_trace_rank_"]),
+    ({}, ["/tmp/.cache/torch/comm_lib_trace_rank_", "/tmp/nccl_trace_rank_"]),
+])
+def test_where_torch_writes_its_own_dumps(env, expected):
+    from hangkit.flight_recorder.environment import dump_prefixes
+
+    assert dump_prefixes(env) == expected

@@ -1,7 +1,8 @@
 """`%%hk` in a real kernel (nbclient), on real MPI engines: the namespace kept from cell to cell,
 --targets, IP-01 returning long before its deadline with the traceback, where the others
 wait and a report, cells after cluster.restart(), one rank interrupted alone (in Python, and
-inside a C call), and DL-01 in the user's own Dataset."""
+inside a C call), DL-01 in the user's own Dataset at the deadline, and with --silence long
+before it (while cells that print or report progress run to their end)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,24 @@ def until_phase(rank, phase, timeout=60):
         assert time.monotonic() < deadline, cluster.monitor.statuses()
         time.sleep(0.05)  # ok-sleep: polled against the deadline above"""
 
+# A cell whose own Dataset hangs its DataLoader worker (DL-01); the benchmark's too.
+HUNG_WORKER = """\
+import threading
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+class Shards(Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        if index == 9:
+            threading.Event().wait()  # a shard whose read never returns
+        return torch.zeros(2)
+
+for batch in DataLoader(Shards(), batch_size=4, num_workers=1):
+    pass"""
+
 CELLS = {
     "keep": "%%hk\nfrom mpi4py import MPI\nrank = MPI.COMM_WORLD.Get_rank()\n"
             "seen = 10 * rank\nprint('set', seen)",
@@ -60,22 +79,21 @@ CELLS = {
     "interrupt_c": "until_phase(1, 'barrier')\n"
                    "print('\\n'.join(cluster.interrupt([1], grace=2, escalate=False)))",
     "restart2": "cluster.restart()\nNone",  # ranks stay in their barriers: new engines
-    "dl01": """%%hk --timeout 20
-import threading
-import torch
-from torch.utils.data import DataLoader, Dataset
-
-class Shards(Dataset):
-    def __len__(self):
-        return 64
-
-    def __getitem__(self, index):
-        if index == 9:
-            threading.Event().wait()  # a shard whose read never returns
-        return torch.zeros(2)
-
-for batch in DataLoader(Shards(), batch_size=4, num_workers=1):
-    pass""",
+    # --silence: output, or progress beats without output, keep a quiet cell from a look.
+    "chatty": "%%hk --timeout 240 --silence 5\nimport time\nfor i in range(30):\n"
+              "    print('tick', i)\n    time.sleep(0.5)  # ok-sleep: output every 0.5 s",
+    "beating": "%%hk --timeout 240 --silence 3\nimport hangkit, time\nfor i in range(18):\n"
+               "    hangkit.progress(step=i)\n    time.sleep(0.5)  # ok-sleep: beats, no output\n"
+               "print('beats done')",
+    "bad_silence": "%%hk --silence -1\nprint('never run')",
+    # torch imported before the silent cell: on a loaded machine one library's load can stand
+    # still for a whole look, and the silence to catch is the worker's.
+    "warm": "%%hk --timeout 240 --silence 0\nimport torch",
+    "dl_silent": "%%hk --timeout 300 --silence 5\n" + HUNG_WORKER,
+    "silent_took": "run = cluster.cells[-1]\n"
+                   "print(f'outcome {run.outcome} after {time.monotonic() - run.started:.1f} s')",
+    "restart3": "cluster.restart()\nNone",  # the silent cell's workers stay stuck: new engines
+    "dl01": "%%hk --timeout 20\n" + HUNG_WORKER,
     "close": "cluster.close()",
 }
 
@@ -164,6 +182,36 @@ def test_a_rank_inside_a_c_call_is_said_to_be_and_what_to_do(executed):
     out = stdout(cells["interrupt_c"])
     assert "SIGINT to rank 1: no effect within 2 s" in out, out
     assert "rank 1 is inside a C call" in out and "cluster.interrupt() escalates" in out
+
+
+def test_a_silent_cell_whose_worker_hangs_returns_long_before_its_deadline(executed):
+    """No hangkit.progress() in the cell, no output: --silence 5 and a look, not the 300 s
+    deadline; the verdict names the worker and where it is in the user's own Dataset."""
+    cells, workdir = executed
+    out = stdout(cells["dl_silent"])
+    assert ("HANG: a %%hk cell: no output and no progress for 5 s (--silence 5)") in out, out
+    assert "ran past its deadline" not in out
+    assert re.search(r"\[DL-01\] rank \d .* worker pid \d+ is in Shards\.__getitem__ at the "
+                     r"cell's line 11 \(`threading\.Event\(\)\.wait\(\)", out), out
+    took = re.search(r"outcome (\w+) after ([\d.]+) s", stdout(cells["silent_took"]))
+    assert took and took.group(1) == "silent", stdout(cells["silent_took"])
+    assert float(took.group(2)) < 150, took.group(0)  # 5 s and a look; the deadline is 300 s
+    (path,) = re.findall(r"hangkit: report: (\S+hang-report\.md)", out)
+    report = json.loads((workdir / Path(path).parent / "hang-report.json").read_text())
+    assert "DL-01" in [d["kind"] for d in report["diagnosis"]]
+
+
+def test_output_or_progress_keeps_a_cell_from_being_called_silent(executed):
+    cells, _ = executed
+    chatty, beating = stdout(cells["chatty"]), stdout(cells["beating"])
+    assert sorted(re.findall(r"\[stdout:(\d)\] tick 29", chatty)) == ["0", "1", "2", "3"], chatty
+    assert sorted(re.findall(r"\[stdout:(\d)\] beats done", beating)) == ["0", "1", "2", "3"], \
+        beating
+    for out in (chatty, beating):
+        assert "HANG" not in out and "looking again" not in out, out
+    assert "hangkit: error: --silence must be zero or more seconds, got -1" in stdout(
+        cells["bad_silence"])
+    assert "never run" not in stdout(cells["bad_silence"])
 
 
 def test_dl01_in_the_users_own_dataset_at_the_deadline(executed):

@@ -26,7 +26,7 @@ from hangkit.errors import UsageError
 from hangkit.rankenv import rank_from_environ, world_size_from_environ
 from hangkit.records import Beat, CollectiveState
 from hangkit.shim import RELAY_VARIABLE
-from hangkit.transport import Signer, Verifier, monitor_from_environ
+from hangkit.transport import Signer, Verifier, monitor_from_environ, secure_client
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class Agent:
         for option, value in ((zmq.LINGER, 0), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, SEND_HWM),
                               (zmq.RCVHWM, SEND_HWM)):
             self._sock.setsockopt(option, value)
+        secure_client(self._sock, address, key)  # CurveZMQ to a monitor beyond loopback
         self._sock.connect(address)
         # In the job's hook directory where there is one: removed with the job, even when the
         # rank is killed before it could remove its file itself.

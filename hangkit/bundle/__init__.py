@@ -11,12 +11,18 @@ A bundle is made when something is already stuck, so nothing here may hang: torc
 imported only in child processes killed at their deadline (importing torch from a stalled shared
 filesystem never returns), and every file is read in a daemon thread that is given up on at the
 deadline (a read from a stalled Lustre mount blocks in the kernel, where no timeout reaches).
+Nor may a file someone else wrote: dumps, the hang report and the doctor's JSON are read within
+limits (hangkit/safeload.py), one that is not what it should be stops the bundle with one line
+(exit 2), and of the dumps in a directory others can write (/tmp) only the user's own are
+taken, each other one named (README.txt, stderr).
 
-Secrets: every member passes through one redaction step. Variables whose names contain KEY,
-TOKEN, SECRET or PASSWORD are hidden by name (hangkit.redact); free text (output lines, JSON
-strings) has `NAME=value`, `NAME: value`, `--name value`, URL passwords and bearer tokens hidden
-(redact_text); and the values of this environment's secret variables are then scrubbed wherever
-they still appear (a key passed on a command line and echoed into the output).
+Secrets: every member passes through one redaction step, redact_member (hangkit.redact: JSON
+value by value with redact_value, the rest line by line): variables whose names say secret
+(API_KEY, HF_TOKEN, DB_PASSWORD, db_pw, ...) are hidden by name; free text (output lines, JSON
+strings, command lines) has `NAME=value`, `NAME: value`, `--name value`, URL passwords and
+tokens by their shape (hf_, sk-, ghp_, AKIA, JWTs, Bearer, ...) hidden; and the values of this
+environment's secret variables are then scrubbed wherever they still appear (a key passed on a
+command line and echoed into the output).
 """
 
 from __future__ import annotations
@@ -35,14 +41,16 @@ from hangkit.bundle.archive import default_name, write_archive
 from hangkit.bundle.job import job_config, read_nodefile
 from hangkit.bundle.versions import error_text, version_tasks, versions_json
 from hangkit.deadline import call_all
+from hangkit.errors import UsageError
 from hangkit.files import TAIL_LIMIT, tail_lines
 from hangkit.flight_recorder.dumps import dump_files, read_dump
 from hangkit.flight_recorder.environment import (
     DUMP_PREFIX_VARIABLES,
     JOB_DUMP_DIRECTORY,
-    dump_prefix,
+    dump_prefixes,
 )
 from hangkit.monitor.report import JSON_NAME, MD_NAME
+from hangkit.records import HangReport
 from hangkit.redact import (
     REDACTED,
     SECRET_WORDS,
@@ -52,12 +60,25 @@ from hangkit.redact import (
     redact_text,
     secret_values,
 )
+from hangkit.safeload import (
+    REPORT_LIMITS,
+    Limits,
+    NotYours,
+    Refused,
+    load_json,
+    read_bytes,
+    shared_directory,
+)
 from hangkit.text import iso_time
 
 CHILD_TIMEOUT = 20.0  # seconds for each child (torch, mpi4py) and for each file read
 DEFAULT_LINES = 50
 DOCTOR_GLOB = "hangkit-doctor*.json"
 MAX_FLIGHT_DUMPS = 512  # torch's own dumps taken, one per rank: the first ranks' if more
+# What the bundle's JSON members are read within. Redaction (redact_value) recurses up to two
+# Python frames a level, and Python stops at 1,000: 400 levels (a stack tree of 199 frames).
+BUNDLE_LIMITS = Limits(bytes=REPORT_LIMITS.bytes, depth=400, objects=REPORT_LIMITS.objects)
+MAX_SKIPPED_NAMED = 10  # files not the user's, named one by one; past these, counted
 HANG_JSON, HANG_MD = JSON_NAME, MD_NAME  # what `hangkit watch` writes
 
 
@@ -76,7 +97,33 @@ def _newest(paths) -> Path | None:
 def _read_doctor(given: Path | None, cwd: Path) -> tuple[Path, bytes] | None:
     path = given if given is not None else _newest(p for p in cwd.glob(DOCTOR_GLOB)
                                                    if p.is_file())
-    return None if path is None else (path, path.read_bytes())
+    return None if path is None else (path, _json_file(path, "the doctor's results"))
+
+
+def _json_file(path: Path, what: str) -> bytes:
+    """A JSON file's bytes, once it is known to be JSON within BUNDLE_LIMITS: UsageError of
+    one line otherwise (a file nested 10,000 deep would crash the redaction)."""
+    data = read_bytes(path, BUNDLE_LIMITS)
+    try:
+        load_json(data, BUNDLE_LIMITS)
+    except Refused as e:
+        raise UsageError(f"{path}: not {what} as hangkit reads them ({e})") from None
+    return data
+
+
+def _report_file(path: Path) -> bytes:
+    """hang-report.json's bytes, once read as a hang report: UsageError naming the first
+    field of the wrong type, as `hangkit explain` says it."""
+    data = read_bytes(path, BUNDLE_LIMITS)
+    problems: list[str] = []
+    try:
+        HangReport.from_json(load_json(data, BUNDLE_LIMITS), problems)
+    except (Refused, TypeError) as e:
+        raise UsageError(f"{path}: not a hang report hangkit reads ({e})") from None
+    if problems:
+        raise UsageError(f"{path}: not a hang report hangkit reads: {problems[0]}",
+                         hint="give another with --hang-report DIR")
+    return data
 
 
 def _read_hang_report(given: Path | None, cwd: Path) -> tuple[Path, dict[str, bytes]] | None:
@@ -88,25 +135,42 @@ def _read_hang_report(given: Path | None, cwd: Path) -> tuple[Path, dict[str, by
         given = found.parent
     elif given.is_file():  # hang-report.json itself
         given = given.parent
-    files = {name: (given / name).read_bytes() for name in (HANG_JSON, HANG_MD)
-             if (given / name).is_file()}
+    files = {name: _report_file(given / name) if name == HANG_JSON
+             else read_bytes(given / name, BUNDLE_LIMITS)
+             for name in (HANG_JSON, HANG_MD) if (given / name).is_file()}
     return (given, files) if files else None
 
 
 def _read_flight_dumps(environ: Mapping[str, str], cwd: Path
-                       ) -> tuple[str, dict[str, str], int]:
+                       ) -> tuple[str, dict[str, str], int, list[str]]:
     """torch's own Flight Recorder dumps under TORCH_FR_DUMP_TEMP_FILE's prefix, else in the
     newest directory a Polaris job script had them written to under cwd, as JSON (a pickle
     could not be redacted, and no one should unpickle a stranger's): (where, {name: JSON},
-    how many files there were)."""
-    prefix = dump_prefix(dict(environ))
-    files = dump_files(prefix)
+    how many files there were, the files skipped as not the user's).
+
+    Unless TORCH_FR_DUMP_TEMP_FILE (or TORCH_NCCL_DEBUG_INFO_TEMP_FILE) says where, the first
+    of torch 2.7+'s default ($XDG_CACHE_HOME/torch/comm_lib_trace_rank_, else
+    $HOME/.cache/torch/...) and the older /tmp/nccl_trace_rank_ that holds any
+    (environment.dump_prefixes). Anyone can put a file in /tmp: in a
+    directory others can write, only the user's own files are read (safeload.NotYours)."""
+    prefixes = dump_prefixes(dict(environ))
+    prefix, files = next(((p, f) for p in prefixes if (f := dump_files(p))),
+                         (prefixes[0], []))
     job_dir = _newest(p for p in cwd.glob(JOB_DUMP_DIRECTORY + "*") if p.is_dir())
     if not files and job_dir is not None:
         prefix = str(job_dir / "nccl_trace_rank_")
         files = dump_files(prefix)
-    return prefix, {f"{p.name}.json": json.dumps(read_dump(p), indent=1) + "\n"
-                    for p in files[:MAX_FLIGHT_DUMPS]}, len(files)
+    shared = bool(files) and shared_directory(files[0].parent)
+    dumps: dict[str, str] = {}
+    skipped: list[str] = []
+    for p in files:
+        if len(dumps) == MAX_FLIGHT_DUMPS:
+            break
+        try:
+            dumps[f"{p.name}.json"] = json.dumps(read_dump(p, owned_only=shared), indent=1) + "\n"
+        except NotYours as e:
+            skipped.append(str(e))
+    return prefix, dumps, len(files), skipped
 
 
 # --- the bundle -----------------------------------------------------------------------------
@@ -119,6 +183,7 @@ class Bundle:
     members: dict[str, bytes | str] = field(default_factory=dict)
     held: list[tuple[str, str, str]] = field(default_factory=list)  # (member, brief, about)
     missing: list[tuple[str, str]] = field(default_factory=list)  # (member, why, what to do)
+    notes: list[str] = field(default_factory=list)  # files skipped, said on stderr too
 
     def summary(self) -> str:
         held = ", ".join(f"{m} ({b})" if b else m for m, b, _ in self.held)
@@ -145,6 +210,9 @@ def collect(*, doctor_json: Path | None = None, hang_report: Path | None = None,
         "flight": (lambda: _read_flight_dumps(environ, cwd), timeout),
         "log": (lambda: None if log is None else tail_lines(Path(log), lines), timeout),
     })
+    for name in ("doctor", "hang", "flight"):  # a file that is no such thing: one line, exit 2
+        if isinstance(got[name], UsageError):
+            raise got[name]
     b = Bundle()
 
     nodes, per_host = got["nodefile"] if not isinstance(got["nodefile"], Exception) else ([], {})
@@ -191,17 +259,24 @@ def collect(*, doctor_json: Path | None = None, hang_report: Path | None = None,
                           "(`hangkit watch --report-dir DIR` writes one when it catches a hang)"))
 
     flight = got["flight"]
+    if isinstance(flight, tuple) and flight[3]:
+        skipped = flight[3]
+        b.notes += skipped[:MAX_SKIPPED_NAMED] + (
+            [f"skipped {len(skipped) - MAX_SKIPPED_NAMED} more files not yours"]
+            if len(skipped) > MAX_SKIPPED_NAMED else [])
     if isinstance(flight, tuple) and flight[1]:
-        prefix, dumps, count = flight
+        prefix, dumps, count, _ = flight
         for name, data in dumps.items():
             b.members[f"flight-recorder/{name}"] = data
         b.held.append(("flight-recorder/", f"{len(dumps)} of {count} ranks", "the Flight "
                        f"Recorder dumps torch wrote on a timeout, from {prefix}RANK, as JSON "
-                       "(`hangkit explain flight-recorder/` reads them)"))
-    elif isinstance(flight, Exception) or any(environ.get(n) for n in DUMP_PREFIX_VARIABLES):
+                       "(`hangkit explain flight-recorder/` reads them)"
+                       + "".join(f"; {note}" for note in b.notes)))
+    elif (isinstance(flight, Exception) or b.notes
+          or any(environ.get(n) for n in DUMP_PREFIX_VARIABLES)):
         # Missing only where some were expected: most jobs never time a collective out.
         why = (f"reading them failed: {error_text(flight)}" if isinstance(flight, Exception)
-               else f"none under {flight[0]}RANK")
+               else "; ".join(b.notes) if b.notes else f"none under {flight[0]}RANK")
         b.missing.append(("flight-recorder/", why + "; torch writes them on a collective's "
                           "timeout (TORCH_NCCL_DUMP_ON_TIMEOUT) to TORCH_FR_DUMP_TEMP_FILE + "
                           "rank: a path on a shared filesystem outlives the nodes"))
@@ -251,10 +326,11 @@ def _readme(b: Bundle, *, host: str, now: float) -> str:
     out = ["hangkit report bundle",
            f"made {iso_time(now)} on {host} by `hangkit report` (hangkit {__version__})", "",
            "What people helping with a hang ask for, in one place. It holds your job's "
-           "configuration and environment: values of variables whose names contain "
-           + ", ".join(SECRET_WORDS) + f" are replaced by {REDACTED}, as are such NAME=value "
-           "pairs in the output and this environment's secret values wherever they appeared; "
-           "look through it before you share it.", "", "Contents:"]
+           "configuration and environment: values of variables whose names say secret ("
+           + ", ".join(SECRET_WORDS) + f", PW, ...) are replaced by {REDACTED}, as are such "
+           "NAME=value pairs, URL passwords and known token shapes in the output, and this "
+           "environment's secret values wherever they appeared; look through it before you "
+           "share it.", "", "Contents:"]
     for member, _, about in b.held:
         out.append(f"  {member:<{width}}  {about}")
     out.append(f"  {'README.txt':<{width}}  this file")

@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from hangkit.files import atomic_file
+from hangkit.files import atomic_file, writable_directory
 
 
 def default_name(now: float, host: str | None = None) -> str:
@@ -23,8 +23,10 @@ def write_archive(members: Mapping[str, bytes | str], path: Path, *,
                   now: float | None = None) -> Path:
     """Writes a .tar.gz, 0600 (it holds a job's configuration) whatever the umask, with every
     member under one directory named like the archive. Written beside, then renamed, so no
-    half-written archive is ever at `path`."""
+    half-written archive is ever at `path` (and a link planted there is replaced, never
+    followed); not into a directory anyone can write (files.NotYourDirectory)."""
     path = Path(path)
+    writable_directory(path.parent)
     now = time.time() if now is None else now
     prefix = re.sub(r"(\.tar\.gz|\.tgz|\.tar)$", "", path.name) or "hangkit-report"
     with atomic_file(path, mode=0o600) as f, tarfile.open(fileobj=f, mode="w:gz") as tar:

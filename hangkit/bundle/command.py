@@ -12,6 +12,7 @@ from pathlib import Path
 from hangkit.bundle import DEFAULT_LINES, DOCTOR_GLOB, HANG_JSON, HANG_MD, collect
 from hangkit.bundle.archive import default_name, write_archive
 from hangkit.errors import HangkitError, UsageError
+from hangkit.files import NotYourDirectory, writable_directory
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +62,7 @@ def run(args) -> int:
     out = Path(args.out) if args.out is not None else Path.cwd()
     if out.is_dir():
         out = out / default_name(now)
+    writable_directory(out.parent)  # before the waiting: write_archive checks it again
     hang = args.hang_report
     if hang is not None and hang.is_file():
         hang = hang.parent
@@ -68,9 +70,13 @@ def run(args) -> int:
                      lines=args.lines, now=now)
     try:
         write_archive(bundle.members, out, now=now)
+    except NotYourDirectory:
+        raise
     except OSError as e:
         raise HangkitError(f"cannot write {out}: {e.strerror or e}",
                            hint="give --out a path on a writable filesystem") from e
+    for note in bundle.notes:  # "skipped /tmp/nccl_trace_rank_0: owned by uid 1001, not you"
+        print(f"hangkit: {note}", file=sys.stderr)
     print(out.absolute())
     print(bundle.summary())
     return 0

@@ -13,7 +13,6 @@ where the backend records it.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -24,12 +23,22 @@ from pathlib import Path
 from hangkit.errors import UsageError
 from hangkit.files import private_directory, write_atomic
 from hangkit.records import Frame, Recording
+from hangkit.safeload import (
+    DUMP_LIMITS,
+    NotYours,
+    Refused,
+    load_json,
+    load_pickle,
+    plain_data,
+    read_bytes,
+    shared_directory,
+)
 
 # The analyzer infers one common prefix from the names ending in a rank number: nothing else in
 # a report directory ends in digits.
 ANALYZER_PREFIX = "flight_recorder_rank_"
 _RANK_AT_END = re.compile(r"(\d+)(?:\.json)?$")  # .json: as a support bundle holds them
-MAX_DUMP_BYTES = 256 << 20
+MAX_DUMP_BYTES = DUMP_LIMITS.bytes
 
 
 @dataclass(frozen=True)
@@ -126,7 +135,7 @@ def groups(recording: Recording) -> dict[str, Group]:
 def _counter(status: dict, name: str) -> int:
     try:
         return int(status.get(name, -1))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         return -1
 
 
@@ -135,7 +144,7 @@ def _ranks(text) -> tuple[int, ...]:
         return tuple(int(r) for r in text)
     try:
         return tuple(int(r) for r in json.loads(str(text or "[]")))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError, RecursionError):  # "[[[[...", a dump's text
         return ()
 
 
@@ -146,37 +155,60 @@ def _tuples(sizes) -> tuple:
 # Files
 
 
-class _PlainUnpickler(pickle.Unpickler):
-    """Loads dicts, lists, strings and numbers, nothing else: a pickle can name any callable
-    to run, and a dump found in /tmp is not to be trusted with that."""
-
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dump")
-
-
-def read_dump(path: Path) -> dict:
-    """A dump file, JSON or pickle, as torch writes either. UsageError for anything else."""
+def read_dump(path: Path, *, owned_only: bool = False, cut_at: int | None = None) -> dict:
+    """A dump file, JSON or pickle, as torch writes either, read within DUMP_LIMITS (size,
+    depth, objects: hangkit/safeload.py) by readers that load no object. UsageError of one line
+    for anything else. owned_only: NotYours for a file that is not the user's own (one found
+    where others can write). cut_at: strings longer are cut, for showing."""
+    data = read_bytes(path, DUMP_LIMITS, owned_only=owned_only)
     try:
-        if path.stat().st_size > MAX_DUMP_BYTES:
-            raise UsageError(f"{path}: over {MAX_DUMP_BYTES >> 20} MiB, not a dump")
-        data = path.read_bytes()
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        dump = json.loads(data) if data[:1] == b"{" else _PlainUnpickler(io.BytesIO(data)).load()
-    except (ValueError, pickle.UnpicklingError, EOFError, TypeError) as e:
-        raise UsageError(f"{path}: not a Flight Recorder dump ({e})") from None
+        if data[:64].lstrip()[:1] == b"{":
+            dump = load_json(data, DUMP_LIMITS, cut_at=cut_at)
+        else:
+            dump = plain_data(load_pickle(data, DUMP_LIMITS), DUMP_LIMITS, cut_at=cut_at)
+    except Refused as e:
+        raise UsageError(f"{path}: not a Flight Recorder dump hangkit reads ({e})") from None
     if not isinstance(dump, dict) or "entries" not in dump:
         raise UsageError(f"{path}: not a Flight Recorder dump (no entries)")
-    dump = plain(dump)
     if parsed(Recording(rank=0, dump=dump)) is None:
         raise UsageError(f"{path}: not a Flight Recorder dump (its entries are not torch's)")
     return dump
 
 
 def plain(dump: dict) -> dict:
-    """A dump as JSON carries it (tuples as lists, keys as text), as an agent sends it."""
+    """A dump as JSON carries it (tuples as lists, keys as text), as an agent sends it. For a
+    dump of this process's own recorder: one read from a file goes through read_dump."""
     return json.loads(json.dumps(dump, default=str))
+
+
+# The sequence numbers of one group across the ranks' dumps of one job lie within its buffers
+# (torch keeps 2,000 entries) and the collectives in flight. The merged view walks every number
+# between the lowest and the highest: dumps of two jobs mixed, or a counter of 10**18, would
+# keep it walking for ever.
+MAX_SPAN = 100_000
+
+
+def implausible(recordings: list[Recording]) -> str | None:
+    """Why these dumps cannot be one job's (a group's sequence numbers spanning more than
+    MAX_SPAN), or None."""
+    spans: dict[str, tuple[int, int]] = {}
+    for r in recordings:
+        info = parsed(r) if r.dump else None
+        if info is None:
+            continue
+        found, listed = info
+        numbers = [(g.name, n) for g in found.values()
+                   for n in (g.last_enqueued, g.last_started, g.last_completed)]
+        numbers += [(e.group, e.seq) for e in listed if not e.p2p]
+        for group, n in numbers:
+            n = max(n, 1)  # the view starts at 1 where a rank completed nothing
+            low, high = spans.get(group, (n, n))
+            spans[group] = (min(low, n), max(high, n))
+    for group, (low, high) in sorted(spans.items()):
+        if high - low > MAX_SPAN:
+            return (f"group {group}'s sequence numbers run from {low} to {high}: not one "
+                    "job's dumps")
+    return None
 
 
 def parsed(recording: Recording) -> tuple[dict[str, Group], list[Entry]] | None:
@@ -184,26 +216,42 @@ def parsed(recording: Recording) -> tuple[dict[str, Group], list[Entry]] | None:
     not used."""
     try:
         return groups(recording), entries(recording)
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError):
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError):
         return None
 
 
-def read_directory(directory: Path) -> list[Recording]:
+def read_directory(directory: Path, *, cut_at: int | None = None,
+                   skipped: list[str] | None = None) -> list[Recording]:
     """Every dump in a directory: files whose names end in their rank (nccl_trace_rank_3,
     flight_recorder_rank_3, as TORCH_FR_DUMP_TEMP_FILE names them; nccl_trace_rank_3.json in
-    a support bundle)."""
+    a support bundle). In a directory others can write (/tmp), only the user's own files are
+    read: each other one is named in `skipped`. cut_at: as read_dump."""
+    shared = shared_directory(directory)
     found: dict[int, Recording] = {}
     for path in sorted(directory.iterdir()):
         m = _RANK_AT_END.search(path.name)
         if not m or not path.is_file():
             continue
         rank = int(m.group(1))
+        try:
+            dump = read_dump(path, owned_only=shared, cut_at=cut_at)
+        except NotYours as e:
+            if skipped is not None:
+                skipped.append(str(e))
+            continue
         if rank in found:
             first = Path(found[rank].source).name
             raise UsageError(f"{directory}: two dumps of rank {rank}: {first} and {path.name}; "
                              "give a directory with one job's dumps")
-        found[rank] = Recording(rank=rank, dump=read_dump(path), source=str(path))
+        found[rank] = Recording(rank=rank, dump=dump, source=str(path))
     return [found[r] for r in sorted(found)]
+
+
+def dump_rank(path: Path) -> int | None:
+    """The rank a dump file's name ends in (nccl_trace_rank_3, nccl_trace_rank_3.json), or
+    None for a name that is not a dump's."""
+    m = _RANK_AT_END.search(path.name)
+    return int(m.group(1)) if m else None
 
 
 def write_for_analyzer(recordings: list[Recording], directory: Path) -> list[Path]:

@@ -13,6 +13,7 @@ BUFFER_ENTRIES entries.
 
 from __future__ import annotations
 
+import os
 import secrets
 
 BUFFER_VARIABLES = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
@@ -21,7 +22,11 @@ NCCL_PIPE_VARIABLE = "TORCH_NCCL_DEBUG_INFO_PIPE_FILE"
 BUFFER_ENTRIES = 2000  # torch 2.13's own default
 # Where torch writes a dump by itself (TORCH_NCCL_DUMP_ON_TIMEOUT): prefix + rank.
 DUMP_PREFIX_VARIABLES = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
-DEFAULT_DUMP_PREFIX = "/tmp/nccl_trace_rank_"
+# Unset, torch 2.7 and later write to its cache directory (DebugInfoWriter::getWriter in
+# FlightRecorder.cpp: $XDG_CACHE_HOME/torch/, else $HOME/.cache/torch/, else /tmp/.cache/torch/)
+# and torch before 2.7 to /tmp: both are looked in, the newer default first.
+DUMP_FILE_NAME = "comm_lib_trace_rank_"
+LEGACY_DUMP_PREFIX = "/tmp/nccl_trace_rank_"
 # The directory a Polaris job script (hangkit polaris job) has them written to, in the job's
 # working directory: a node's /tmp is gone with the job.
 JOB_DUMP_DIRECTORY = "hangkit-flight-recorder-"  # + the PBS job id
@@ -46,6 +51,11 @@ def recorder_environment(env: dict[str, str], *, on: bool = True
     return env, changes
 
 
-def dump_prefix(env: dict[str, str]) -> str:
-    """The prefix torch's own dumps are written under."""
-    return next((env[n] for n in DUMP_PREFIX_VARIABLES if env.get(n)), DEFAULT_DUMP_PREFIX)
+def dump_prefixes(env: dict[str, str]) -> list[str]:
+    """The prefixes torch's own dumps are written under, for a process with this environment:
+    the one it was given, else torch 2.7+'s default and the older one."""
+    given = next((env[n] for n in DUMP_PREFIX_VARIABLES if env.get(n)), None)
+    if given:
+        return [given]
+    cache = env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or "/tmp", ".cache")
+    return [os.path.join(cache, "torch", DUMP_FILE_NAME), LEGACY_DUMP_PREFIX]

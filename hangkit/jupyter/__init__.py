@@ -6,6 +6,7 @@
 
 Needs the `jupyter` extra (ipyparallel, ipywidgets, matplotlib); names load on first use.
 `%load_ext hangkit.jupyter` registers the `%%hk` cell magic (hangkit/jupyter/magic.py).
+`attach(pid or PBS job id)` looks at a running job hangkit did not start (attach_view.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ _EXPORTS = {
     "EngineCluster": "cluster", "RankTasks": "cluster", "ClusterStartError": "cluster",
     "doctor_results": "cluster", "Dashboard": "dashboard", "LiveDashboard": "live",
     "ProbeMatrix": "probe_matrix", "show_report": "report_view", "plots": None,
+    "attach": "attach_view",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -8,15 +8,19 @@ past its deadline.
 
 Each engine keeps its namespace from cell to cell (ipyparallel's execute). `--targets 0,2`
 runs on some ranks. `--progress-timeout S` also ends a cell whose ranks report no
-`hangkit.progress()` for S seconds, once a look finds none of them progressing. `--noblock`
-returns the running CellRun at once (`.wait()` it later). Every cell's CellRun is kept in
-`cluster.cells`. Each rank's output is printed with the rank in front of it as it arrives, and
-what a rank raised under its rank.
+`hangkit.progress()` for S seconds, once a look finds none of them progressing. `--silence S`
+(60 s unless given; 0: off) looks at a cell whose ranks printed nothing and reported no
+progress for S seconds, as `hangkit watch --timeout` looks at a silent job: it ends with the
+verdict when no rank or DataLoader worker is progressing, and looks again another S later
+while one is. `--noblock` returns the running CellRun at once (`.wait()` it later). Every
+cell's CellRun is kept in `cluster.cells`. Each rank's output is printed with the rank in
+front of it as it arrives, and what a rank raised under its rank.
 
 The cell returns when every rank has finished; or when a rank raised (or the ranks stopped
-reporting progress) and a look at the others (monitor/confirm.py, as `hangkit watch` looks)
-finds none of them progressing: they wait for it (IP-01), and sitting out the deadline would
-tell nothing more; or at the deadline. In those cases it shows the hang report, built by the
+reporting progress, or went silent) and a look at the others (monitor/confirm.py, as
+`hangkit watch` looks) finds none of them progressing: they wait for it (IP-01), or for
+something that never comes, and sitting out the deadline would tell nothing more; or at the
+deadline. In those cases it shows the hang report, built by the
 same path as watch's (capture, records, diagnosis), with a raised rank's exception as the
 verdict, writes hang-report.json and .md under a new directory it names, and leaves the
 engines as they are: `cluster.interrupt()` ends the cell's work, `cluster.restart()` starts
@@ -30,11 +34,14 @@ import sys
 import time
 from pathlib import Path
 
-from hangkit.errors import UsageError, check_positive_seconds
+from hangkit.errors import UsageError, check_positive_seconds, check_seconds_or_zero
 from hangkit.records import HangReport, StallEvent
 from hangkit.text import ranks_phrase
 
 DEFAULT_TIMEOUT = 600.0  # seconds a %%hk cell may run: --timeout
+# Seconds with no output and no progress beat from the cell's ranks before a look: --silence.
+# As watch's --timeout: long enough that a cell computing quietly costs a look a minute.
+DEFAULT_SILENCE = 60.0
 POLL = 0.1  # seconds between looks at the engines' output and states
 LOOK_EVERY = 5.0  # seconds between looks at the others once a rank has raised
 OUTPUT_WAIT = 2.0  # seconds for the last output of ranks that are done
@@ -54,14 +61,20 @@ class CellRun:
     """One %%hk cell on its engines: its tasks (RankTasks), what it printed, how it ended."""
 
     def __init__(self, cluster, code: str, ranks: list[int], timeout: float, *,
-                 progress_timeout: float | None = None, out=None):
+                 progress_timeout: float | None = None, silence: float | None = DEFAULT_SILENCE,
+                 out=None):
         self.cluster, self.code, self.ranks, self.timeout = cluster, code, ranks, timeout
         self.progress_timeout = progress_timeout
+        self.silence = silence or None  # 0: no look for silence
         self.out = out or sys.stdout
         self.tasks = cluster.execute(code, ranks)
         self.started = time.monotonic()
         self.deadline = self.started + timeout
-        self.outcome: str | None = None  # "finished", "raised", "stalled", "deadline"
+        # The last output, progress beat, or look that found the ranks at work: --silence
+        # counts from there.
+        self._quiet_since = self.started
+        # "finished", "raised", "stalled", "silent", "deadline"
+        self.outcome: str | None = None
         self.report: HangReport | None = None
         self.report_dir: Path | None = None
         self._shown: dict[tuple[int, str], int] = {}
@@ -70,7 +83,8 @@ class CellRun:
 
     def wait(self) -> CellRun:
         """Streams the ranks' output until the cell ends, a raised rank's peers are found
-        waiting for it, or the deadline; then shows how it ended."""
+        waiting for it, a look at silent ranks finds none of them progressing, or the
+        deadline; then shows how it ended."""
         while True:
             self.stream()
             states = self.tasks.states()
@@ -82,11 +96,15 @@ class CellRun:
                 self.outcome = "deadline"
                 break
             stalled = self._stalled()
-            if ("raised" in states.values() or stalled) and now >= self._next_look:
-                if self._others_wait():
-                    self.outcome = "raised" if "raised" in states.values() else "stalled"
-                    break
-                self._next_look = time.monotonic() + LOOK_EVERY
+            if "raised" in states.values() or stalled:
+                if now >= self._next_look:
+                    if self._others_wait():
+                        self.outcome = "raised" if "raised" in states.values() else "stalled"
+                        break
+                    self._next_look = time.monotonic() + LOOK_EVERY
+            elif self._silent(now) and self._nothing_moves():
+                self.outcome = "silent"
+                break
             # Returns as soon as every rank is done; output arrives on ipyparallel's thread.
             self.tasks.wait(min(POLL, max(self.deadline - time.monotonic(), 0.0)))
         self._last_output()
@@ -125,6 +143,7 @@ class CellRun:
                 seen = self._shown.get((rank, name), 0)
                 if len(text) > seen:
                     self._shown[(rank, name)] = len(text)
+                    self._quiet_since = time.monotonic()
                     for line in text[seen:].splitlines():
                         print(f"[{name}:{rank}] {line}", file=self.out)
         for rank, tb in sorted(self.tasks.errors().items()):
@@ -141,6 +160,47 @@ class CellRun:
         quiet = [s.since_progress >= self.progress_timeout
                  for s in self.cluster.monitor.statuses() if s.rank in running]
         return bool(quiet) and all(quiet)
+
+    def _silent(self, now: float) -> bool:
+        """With --silence: the running ranks printed nothing and reported no progress (the
+        engine's own beat at the cell's start counts) for that long. The ranks' statuses are
+        read only once the output has been quiet for --silence, and then again only when the
+        latest progress could be that old: cheap at any number of ranks."""
+        if self.silence is None or now - self._quiet_since < self.silence:
+            return False
+        running = {r for r, s in self.tasks.states().items() if s == "running"}
+        since = [s.since_progress for s in self.cluster.monitor.statuses() if s.rank in running]
+        if since:
+            self._quiet_since = max(self._quiet_since, now - min(since))
+        return now - self._quiet_since >= self.silence
+
+    def _nothing_moves(self) -> bool:
+        """A look at the silent engines (the one `hangkit watch` takes): True when no running
+        rank or DataLoader worker of theirs is progressing and the cell neither printed nor
+        ended meanwhile (the look's report is then the verdict's); else the silence starts
+        again, and the next look is another --silence away."""
+        from hangkit.jupyter.livestacks import look_at_engines, progressing
+
+        quiet_since = self._quiet_since
+        report = look_at_engines(self.cluster, why=self._silence_reason())
+        running = {r for r, s in self.tasks.states().items() if s == "running"}
+        moving = progressing(report, running)  # workers carry their rank's number
+        self.stream()  # what the ranks printed during the look
+        if running and not moving and self._quiet_since == quiet_since:
+            self.report = report
+            return True
+        if moving:  # as watch says it
+            from hangkit.monitor.confirm import progressing_phrase
+
+            print(f"hangkit: no output or progress for {self.silence:g} s, but "
+                  f"{progressing_phrase(moving)}; looking again in {self.silence:g} s",
+                  file=self.out)
+        self._quiet_since = max(self._quiet_since, time.monotonic())
+        return False
+
+    def _silence_reason(self) -> str:
+        return (f"a %%hk cell: no output and no progress for {self.silence:g} s "
+                f"(--silence {self.silence:g}), and nothing was progressing")
 
     def _last_output(self) -> None:
         """A rank's reply can come before the last of its output: waits for the output of
@@ -172,6 +232,8 @@ class CellRun:
         elif self.outcome == "stalled":
             why = (f"a %%hk cell: no rank reported progress for {self.progress_timeout:g} s "
                    "(--progress-timeout)")
+        elif self.outcome == "silent":
+            why = self._silence_reason()
         else:
             why = f"a %%hk cell ran past its deadline (--timeout {self.timeout:g})"
         report = self.report or look_at_engines(self.cluster, why=why)
@@ -302,14 +364,16 @@ def run_cell(line: str, cell: str, *, out=None) -> CellRun | None:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     parser.add_argument("--noblock", action="store_true")
     parser.add_argument("--progress-timeout", type=float, default=None)
+    parser.add_argument("--silence", type=float, default=DEFAULT_SILENCE)
     try:
         args, extra = parser.parse_known_args(shlex.split(line))
     except (argparse.ArgumentError, ValueError) as e:
         raise UsageError(f"%%hk {line}: {e}") from None
     if extra:
         raise UsageError(f"%%hk: unknown option {extra[0]!r} (--targets, --timeout, "
-                         "--progress-timeout, --noblock)")
+                         "--progress-timeout, --silence, --noblock)")
     check_positive_seconds("--timeout", args.timeout)
+    check_seconds_or_zero("--silence", args.silence)
     if args.progress_timeout is not None:
         check_positive_seconds("--progress-timeout", args.progress_timeout)
     cluster = EngineCluster.current()
@@ -317,7 +381,7 @@ def run_cell(line: str, cell: str, *, out=None) -> CellRun | None:
         raise UsageError("%%hk: no EngineCluster is running: start one with "
                          "EngineCluster(4).start()")
     run = CellRun(cluster, cell, parse_targets(args.targets, cluster.ranks), args.timeout,
-                  progress_timeout=args.progress_timeout, out=out)
+                  progress_timeout=args.progress_timeout, silence=args.silence, out=out)
     cluster.cells.append(run)
     if args.noblock:
         return run

@@ -4,12 +4,18 @@ the collectives and the DataLoader workers, and a plot of where each rank's step
 
 A pure renderer of the HangReport (records in, widgets or text out); without a frontend
 (HANGKIT_NONINTERACTIVE, a terminal) it prints the same text `hangkit watch` printed.
+
+A report is a file anyone may have written or mangled: read_report reads it within limits and
+cuts long values; a field of the wrong type reads as its default, and the view says which
+("Could not read or show:"), as it says which part it could not draw. Showing never raises.
 """
 
 from __future__ import annotations
 
 import html
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -23,26 +29,47 @@ from hangkit.monitor.report import (
     render_workers,
 )
 from hangkit.records import HangReport
+from hangkit.text import cut
 
 MONO = "font-family: monospace; white-space: pre; font-size: 12px"
 
 
 class ReportView:
     """One report, shown: `text()` is what a terminal gets; in a notebook it displays itself
-    as widgets."""
+    as widgets. `problems`: what read_report could not read (fields read as defaults)."""
 
-    def __init__(self, report: HangReport, path: Path):
+    def __init__(self, report: HangReport, path: Path, problems: Sequence[str] = ()):
         self.report, self.path = report, path
+        self.problems = list(problems)
+        self.failed: list[str] = []  # the parts that could not be shown, and why
+
+    def _shown(self, part: str, render: Callable[[], Any], instead: Any) -> Any:
+        try:
+            return render()
+        except Exception as e:  # a report's odd value must not take the rest of it down
+            self.failed.append(f"{part}: {type(e).__name__}: {cut(str(e), 200)}")
+            return instead
+
+    def missing(self) -> list[str]:
+        """What could not be read or shown, one line each; empty for a whole report."""
+        said = list(dict.fromkeys(self.problems + self.failed))
+        return ["Could not read or show:", *(f"  {x}" for x in said)] if said else []
 
     def text(self) -> str:
-        return "\n".join([f"{self.path}", *render_summary(self.report)])
+        summary = self._shown("the summary", lambda: render_summary(self.report),
+                              [f"hangkit: {getattr(self.report, 'reason', '')}"])
+        return "\n".join([f"{self.path}", *summary, *self.missing()])
 
     def rank_rows(self) -> list[list[str]]:
         """One row per rank: rank, state, step, phase, collective, last progress, where, and
         its DataLoader workers."""
-        return [[r.key, str(r.status), "-" if r.step is None else str(r.step), r.phase or "",
-                 collective_text(r), f"{format_duration(r.since_progress)} ago",
-                 f"pid {r.pid} on {r.host}", "; ".join(render_workers(r.workers))]
+        def row(r) -> list[str]:
+            return [r.key, str(r.status), "-" if r.step is None else str(r.step), r.phase or "",
+                    collective_text(r), f"{format_duration(r.since_progress)} ago",
+                    f"pid {r.pid} on {r.host}", "; ".join(render_workers(r.workers))]
+
+        return [self._shown(f"the row of {getattr(r, 'key', '?')}", lambda r=r: row(r),
+                            [str(getattr(r, "key", "?")), "could not be shown"])
                 for r in self.report.ranks]
 
     def figure(self) -> Figure:
@@ -70,35 +97,64 @@ class ReportView:
             return
         import ipywidgets as widgets
 
-        r = self.report
-        verdict = "".join(f"<p><b>[{html.escape(d.kind)}]</b> {html.escape(d.summary)}<br>"
-                          f"<i>{html.escape(d.advice)}</i></p>" for d in r.diagnosis)
-        head = (f"<h3>Hang report: {html.escape(r.reason)}</h3><p>{html.escape(str(self.path))}"
-                f", captured {html.escape(r.captured_at or '?')}</p>{verdict}")
-        cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                        for row in self.rank_rows())
-        table = ("<table><tr><th>rank</th><th>state</th><th>step</th><th>phase</th>"
-                 f"<th>collective</th><th>progress</th><th>process</th><th>workers</th></tr>"
-                 f"{cells}</table>")
-        parts = [widgets.HTML(head)]
-        if r.ranks:
-            parts.append(widgets.HTML(table))
-        if r.tree.children:
-            parts.append(widgets.HTML("<b>Merged stacks of the ranks' main threads</b>"
-                                      + tree_html(r.tree, r.diagnosis)))
-        collectives = render_collectives(r)
-        if collectives:
-            parts.append(widgets.HTML(f"<b>Collectives (torch's Flight Recorder)</b><div "
-                                      f"style='{MONO}'>{html.escape(chr(10).join(collectives))}"
-                                      "</div>"))
+        parts = [widgets.HTML(html_part) for html_part in self.html_parts()]
         plot = widgets.Output()
         parts.append(plot)
+        missing = widgets.HTML()
+        parts.append(missing)
         display(widgets.VBox(parts))
         with plot:
-            display(self.figure())
+            figure = self._shown("the plot", self.figure, None)
+            if figure is not None:
+                display(figure)
+        missing.value = self.missing_html()
+
+    def html_parts(self) -> list[str]:
+        """The widget's parts as HTML: the verdict, the ranks' table, the merged tree, the
+        collectives; a part that cannot be shown is left out and named in missing()."""
+        r = self.report
+
+        def head() -> str:
+            verdict = "".join(f"<p><b>[{html.escape(d.kind)}]</b> {html.escape(d.summary)}"
+                              f"<br><i>{html.escape(d.advice)}</i></p>" for d in r.diagnosis)
+            return (f"<h3>Hang report: {html.escape(r.reason)}</h3><p>"
+                    f"{html.escape(str(self.path))}, captured {html.escape(r.captured_at or '?')}"
+                    f"</p>{verdict}")
+
+        def table() -> str:
+            cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row)
+                            + "</tr>" for row in self.rank_rows())
+            return ("<table><tr><th>rank</th><th>state</th><th>step</th><th>phase</th>"
+                    "<th>collective</th><th>progress</th><th>process</th><th>workers</th></tr>"
+                    f"{cells}</table>")
+
+        def tree() -> str:
+            return ("<b>Merged stacks of the ranks' main threads</b>"
+                    + tree_html(r.tree, r.diagnosis)) if r.tree.children else ""
+
+        def collectives() -> str:
+            lines = render_collectives(r)
+            return (f"<b>Collectives (torch's Flight Recorder)</b><div style='{MONO}'>"
+                    f"{html.escape(chr(10).join(lines))}</div>") if lines else ""
+
+        parts = [self._shown("the verdict", head,
+                             f"<h3>Hang report</h3><p>{html.escape(str(self.path))}</p>")]
+        if r.ranks:
+            parts.append(self._shown("the table of ranks", table, ""))
+        parts.append(self._shown("the merged stacks", tree, ""))
+        parts.append(self._shown("the collectives", collectives, ""))
+        return [p for p in parts if p]
+
+    def missing_html(self) -> str:
+        lines = self.missing()
+        return (f"<div style='{MONO}; color:#b71c1c'>{html.escape(chr(10).join(lines))}</div>"
+                if lines else "")
 
 
 def show_report(path: str | Path) -> ReportView:
-    """Opens a hang report (its directory, or hang-report.json): shown when it ends a cell."""
-    found, report = read_report(Path(path))
-    return ReportView(report, found)
+    """Opens a hang report (its directory, or hang-report.json): shown when it ends a cell.
+    UsageError for a file that is no hang report; fields of the wrong type read as their
+    defaults, and the view names them."""
+    problems: list[str] = []
+    found, report = read_report(Path(path), problems)
+    return ReportView(report, found, problems)

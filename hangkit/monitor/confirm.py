@@ -54,6 +54,7 @@ from hangkit.records import (
     Role,
     ThreadStack,
 )
+from hangkit.text import who as ranks_and_pids
 
 SAMPLES = 5  # stack samples per process in one look, before its capture
 GAP = 0.25  # seconds between samples: with the capture, a look takes about 2 s
@@ -166,6 +167,16 @@ class Confirmation:
         look.verdict = "progressing" if self.progressing else "hung"
         self.looks.append(look)
         return look
+
+
+def progressing_phrase(looks: list[ProcessLook]) -> str:
+    """'ranks 0-3 are progressing: rank 0 importing (torch/distributed/...); ...'"""
+    ranks = sorted({p.rank for p in looks if p.rank is not None})
+    shown = "; ".join(f"{p.label} {p.where}" for p in looks[:3]) + (
+        "; ..." if len(looks) > 3 else "")
+    one = len(ranks) == 1 if ranks else len(looks) == 1
+    named = ranks_and_pids(ranks, [p.pid for p in looks])
+    return f"{named} {'is' if one else 'are'} progressing: {shown}"
 
 
 def _sample(monitor, agents: dict[str, RankStatus], pids: list[int], nodes: list[str],

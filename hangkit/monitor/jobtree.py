@@ -34,11 +34,15 @@ def become_subreaper() -> bool:
 
 
 class JobTree:
-    """The processes of one job: the first process, what it started, and what carries the marker."""
+    """The processes of one job: the first process, what it started, and what carries the marker.
 
-    def __init__(self, root_pid: int, marker: str):
+    `root_pid` None: the first process is gone (watch's guardian, after watch died). `helpers`:
+    children of the watcher that are not the job's (its guardian)."""
+
+    def __init__(self, root_pid: int | None, marker: str, *, helpers: frozenset[int] = frozenset()):
         self.root_pid = root_pid
         self.marker = marker
+        self.helpers = helpers
 
     def processes(self) -> list[psutil.Process]:
         found: dict[int, psutil.Process] = {}
@@ -49,7 +53,8 @@ class JobTree:
                     found.setdefault(child.pid, child)
             except psutil.Error:
                 continue
-        found.pop(os.getpid(), None)
+        for pid in (os.getpid(), *self.helpers):
+            found.pop(pid, None)
         return sorted(found.values(), key=lambda p: p.pid)
 
     def pids(self) -> list[int]:
@@ -57,7 +62,8 @@ class JobTree:
 
     def _roots(self) -> list[psutil.Process]:
         roots = []
-        for pid in [self.root_pid, *self._orphans(), *self._marked()]:
+        first = [self.root_pid] if self.root_pid is not None else []
+        for pid in [*first, *self._orphans(), *self._marked()]:
             try:
                 roots.append(psutil.Process(pid))
             except psutil.Error:
@@ -67,7 +73,8 @@ class JobTree:
     def _orphans(self) -> list[int]:
         # As a subreaper, every child of ours that is not the root is an orphan of the job.
         try:
-            return [c.pid for c in psutil.Process().children() if c.pid != self.root_pid]
+            return [c.pid for c in psutil.Process().children()
+                    if c.pid != self.root_pid and c.pid not in self.helpers]
         except psutil.Error:
             return []
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from hangkit.errors import UsageError
 from hangkit.flight_recorder.dumps import read_dump
-from hangkit.flight_recorder.environment import NCCL_PIPE_VARIABLE, dump_prefix
+from hangkit.flight_recorder.environment import NCCL_PIPE_VARIABLE, dump_prefixes
 from hangkit.records import Recording
 
 WAIT = 5.0  # the watchdog looks at its pipe about once a second; a dump takes milliseconds
@@ -37,7 +37,7 @@ SOURCE = "torch's NCCL watchdog (TORCH_NCCL_DEBUG_INFO_PIPE_FILE)"
 @dataclass
 class Asked:
     rank: int
-    dump_path: Path
+    dump_paths: list[Path]  # where torch may write it (its version decides): the first found
     asked_at: float  # wall time: the dump must be newer
 
 
@@ -66,7 +66,7 @@ def ask(env: dict[str, str] | None, rank: int | None) -> Asked | None:
         return None
     finally:
         os.close(fd)
-    return Asked(rank, Path(dump_prefix(env or {}) + str(rank)), time.time())
+    return Asked(rank, [Path(p + str(rank)) for p in dump_prefixes(env or {})], time.time())
 
 
 def collect(asked: list[Asked], *, timeout: float = WAIT) -> dict[int, Recording]:
@@ -86,23 +86,26 @@ def collect(asked: list[Asked], *, timeout: float = WAIT) -> dict[int, Recording
         time.sleep(POLL)
     for rank, a in waiting.items():
         found[rank] = Recording(rank=rank, source=SOURCE, error=(
-            f"its NCCL watchdog wrote no dump to {a.dump_path} within {timeout:g} s"))
+            f"its NCCL watchdog wrote no dump to {' or '.join(map(str, a.dump_paths))} "
+            f"within {timeout:g} s"))
     return found
 
 
 def _fresh_dump(a: Asked) -> dict | None:
-    try:
-        info = os.lstat(a.dump_path)
-    except OSError:
-        return None
-    # Another user's file, or one from before the request, is not this rank's answer.
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or \
-            info.st_mtime < a.asked_at - 1.0:
-        return None
-    try:
-        return read_dump(a.dump_path)
-    except UsageError:  # still being written
-        return None
+    for path in a.dump_paths:
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        # Another user's file, or one from before the request, is not this rank's answer.
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or \
+                info.st_mtime < a.asked_at - 1.0:
+            continue
+        try:
+            return read_dump(path)
+        except UsageError:  # still being written
+            continue
+    return None
 
 
 def remove_pipes(stem: str | None, rank: int | None = None) -> None:

@@ -35,12 +35,17 @@ class OutputTail:
 
 
 def write_all(fd: int, data: bytes) -> bool:
-    """Writes everything; False when the reader is gone (the job's output then goes nowhere)."""
+    """Writes everything; False when the reader is gone (the job's output then goes nowhere):
+    a pipe whose reader left (EPIPE), a terminal hung up (EIO: watch after SIGHUP, its ssh
+    session dropped), a closed descriptor. Never raises for those: what watch says on its way
+    out (ending the job, the report's path) must not stop it from ending the job."""
     view = memoryview(data)
     while view:
         try:
             n = os.write(fd, view)
-        except BrokenPipeError:
+        except BlockingIOError:
+            raise  # a full non-blocking stream is not a gone reader
+        except OSError:
             return False
         view = view[n:]
     return True

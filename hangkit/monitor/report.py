@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 from hangkit.errors import UsageError
@@ -16,6 +18,7 @@ from hangkit.monitor.diagnose import diagnose
 from hangkit.monitor.merge import groups, merged_tree, render_tree
 from hangkit.monitor.stacks import frame_text
 from hangkit.records import (
+    Frame,
     HangReport,
     Look,
     NodeReport,
@@ -23,13 +26,16 @@ from hangkit.records import (
     RankStatus,
     Role,
     StallEvent,
+    ThreadStack,
     WorkerState,
 )
-from hangkit.redact import redact_argv, redact_text
+from hangkit.redact import redact_value, secret_values
 from hangkit.text import iso_time, who
 
 JSON_NAME = "hang-report.json"
 MD_NAME = "hang-report.md"
+# Frames a thread keeps in a report: the bundle reads at most 400 levels (a tree of 199 frames).
+MAX_FRAMES, OUTER_FRAMES = 180, 40
 ANALYZER = "torch.distributed.flight_recorder.fr_trace"
 
 
@@ -38,28 +44,51 @@ def build_report(*, reason: str, command: list[str], idle_seconds: float,
                  detector: str = "output", started_at: float | None = None,
                  capture_seconds: float | None = None, ranks: list[RankStatus] = (),
                  events: list[StallEvent] = (), looks: list[Look] = (),
-                 nodes: list[NodeReport] = ()) -> HangReport:
-    """The report of one capture. The snapshots given are not changed: the report holds
-    copies with their command lines redacted."""
-    processes = [dataclasses.replace(p, cmdline=redact_argv(p.cmdline)) for p in processes]
+                 nodes: list[NodeReport] = (), secrets: Sequence[str] | None = None
+                 ) -> HangReport:
+    """The report of one capture, its secrets hidden: every field (command lines, output
+    lines, stacks, the reason, context, looks, diagnoses) goes through redact_value once,
+    here, so every renderer and file gets the redacted report. `secrets`: literal values to
+    scrub too (default: those of this process's secret environment variables, which the
+    job's inherit). The snapshots given are not changed: the report holds copies."""
+    diagnosis = diagnose(processes, list(events), list(looks))  # from the whole stacks
+    processes = [dataclasses.replace(p, threads=[_within_frames(t) for t in p.threads])
+                 for p in processes]
     context = dict(context)
     here = socket.gethostname()  # a report is built where its monitor runs
     context["ranks_on_this_node"] = sum(1 for p in processes if p.role == Role.RANK
                                         and p.host in (None, here))
-    return HangReport(
-        hang=True, reason=reason, command=redact_argv(list(command)),
+    report = HangReport(
+        hang=True, reason=reason, command=list(command),
         idle_seconds=round(idle_seconds, 1), detector=detector,
         started_at=iso_time(started_at) if started_at else None, captured_at=iso_time(),
         capture_seconds=round(capture_seconds, 2) if capture_seconds is not None else None,
         processes=processes, groups=groups(processes), tree=merged_tree(processes),
-        diagnosis=diagnose(processes, list(events), list(looks)),
-        last_lines=[redact_text(line) for line in last_lines], context=context,
+        diagnosis=diagnosis, last_lines=list(last_lines), context=context,
         ranks=list(ranks), events=list(events), looks=list(looks), nodes=list(nodes))
+    if secrets is None:
+        secrets = secret_values(os.environ)
+    return HangReport.from_json(redact_value(report.to_json(), secrets))
+
+
+def _within_frames(thread: ThreadStack) -> ThreadStack:
+    """A thread's stack cut to MAX_FRAMES (a runaway recursion is thousands deep): its
+    outermost OUTER_FRAMES and its innermost, where it is stuck, with a frame that says how
+    many are not shown. The merged tree nests two levels a frame, and the report's readers
+    take so many levels (safeload's limits, the bundle's the least)."""
+    if len(thread.frames) <= MAX_FRAMES:
+        return thread
+    inner = MAX_FRAMES - OUTER_FRAMES - 1
+    cut = len(thread.frames) - OUTER_FRAMES - inner
+    marker = Frame(function=f"... {cut} frames not shown ...", file="")
+    return dataclasses.replace(thread, frames=[*thread.frames[:OUTER_FRAMES], marker,
+                                               *thread.frames[-inner:]])
 
 
 def render_summary(report: HangReport) -> list[str]:
     """What a person reads first: where each group of ranks is, the tree, and the diagnosis."""
-    lines = [f"hangkit: HANG: {report.reason}"]
+    # A snapshot (hangkit attach, watch's SIGUSR1) of a job found progressing is no hang.
+    lines = [f"hangkit: {'HANG' if report.hang else 'SNAPSHOT'}: {report.reason}"]
     counts: dict[str, int] = {}
     for p in report.processes:
         counts[p.role] = counts.get(p.role, 0) + 1
@@ -226,15 +255,40 @@ def write_report(report: HangReport, directory: Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def read_report(path: Path) -> tuple[Path, HangReport]:
-    """A report written by `hangkit watch` or a `%%hk` cell: its directory or its JSON.
-    UsageError naming the path when it is neither."""
+def read_report(path: Path, problems: list[str] | None = None) -> tuple[Path, HangReport]:
+    """A report written by `hangkit watch` or a `%%hk` cell: its directory or its JSON, read
+    within limits (size, depth, values: hangkit/safeload.py) and with every value longer than
+    text.SHOWN_CHARACTERS cut, as whoever reads a report shows it. UsageError of one line
+    naming the path when it is no report, or when a field holds the wrong type. Given a list
+    `problems`, such fields read as their defaults instead, each named there; and the ranks'
+    Flight Recorder dumps, if they cannot be one job's, are left out and said so."""
+    from hangkit.flight_recorder.dumps import implausible
+    from hangkit.safeload import REPORT_LIMITS, Refused, load_json, read_bytes
+    from hangkit.text import SHOWN_CHARACTERS
+
     path = Path(path)
     if path.is_dir():
         path = path / JSON_NAME
+    if not path.exists():
+        raise UsageError(f"no such file or directory: {path}")
+    data = read_bytes(path, REPORT_LIMITS)
+    found: list[str] = []
     try:
-        return path, HangReport.from_json(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise UsageError(f"no such file or directory: {path}") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        report = HangReport.from_json(load_json(data, REPORT_LIMITS, cut_at=SHOWN_CHARACTERS),
+                                      found)
+    except Refused as e:
+        raise UsageError(f"{path}: not a hang report hangkit reads ({e})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"{path}: not a hang report ({type(e).__name__}: {e})") from None
+    dumped = [p for p in report.processes if p.recording is not None and p.recording.dump]
+    why = implausible([p.recording for p in dumped])
+    if why:  # the merged view would walk every sequence number between
+        found.append(f"processes[].recording: {why}")
+        for p in dumped:
+            p.recording = dataclasses.replace(p.recording, dump={}, error=f"left out: {why}")
+    if found and problems is None:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise UsageError(f"{path}: not a hang report hangkit reads: {found[0]}{more}")
+    if problems is not None:
+        problems.extend(found)
+    return path, report

@@ -5,6 +5,11 @@ or an interface the compute nodes reach for multi-node jobs. Its thread verifies
 (see hangkit.transport), feeds the collector, notices local ranks whose process is gone, and
 carries stack requests to the agents. Callers read state under `lock` and ask for stacks with
 request_stacks(); neither ever waits without a deadline.
+
+Bounded before verified (issue 24): its socket takes no frame over MAX_MESSAGE_BYTES, and a
+gate (_Gate) decides who may talk to it during each peer's handshake, before any message of
+theirs is read: on a loopback address, this user's (or root's) processes on this host; anywhere
+else, CurveZMQ clients holding the run's key. docs/security.md has the whole picture.
 """
 
 from __future__ import annotations
@@ -14,18 +19,33 @@ import dataclasses
 import itertools
 import logging
 import os
+import resource
 import socket
+import struct
 import threading
 import time
 
 import zmq
+from zmq.utils import z85
 
 from hangkit.errors import UsageError
 from hangkit.monitor.collector import Collector, Node
 from hangkit.monitor.stall import StallConfig, StallDetector
 from hangkit.procfs import pid_alive
 from hangkit.records import Activity, Look, RankStatus, Role, StallEvent, ThreadStack
-from hangkit.transport import MONITOR_ADDRESS, MONITOR_KEY, Signer, Verifier, new_key
+from hangkit.transport import (
+    HANDSHAKE_SECONDS,
+    MAX_MESSAGE_BYTES,
+    MONITOR_ADDRESS,
+    MONITOR_KEY,
+    ZAP_DOMAIN,
+    Signer,
+    Verifier,
+    curve_for,
+    curve_keys,
+    new_key,
+    peer_uid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +59,11 @@ MAX_DETECTION_INTERVAL = 5.0
 LIVENESS_SECONDS = 1.0  # how often local ranks' processes are checked for having exited
 # What relays answer to requests for their whole node (ask_nodes).
 NODE_REPLIES = ("sample", "capture", "signal", "end")
+# The descriptor limit the monitor raises its own to (or the hard limit, if lower): a peer's
+# connection holds one until it is refused or its handshake times out, and the common 1,024
+# left a flood of them starving the monitor's own work (issue 24). Capped: the job, started
+# after, inherits it, and some programs still close every descriptor up to the limit.
+MAX_DESCRIPTORS = 65536
 
 
 class Monitor:
@@ -53,11 +78,15 @@ class Monitor:
         self.lock = threading.Lock()
         self.verifier = Verifier(self.key)
         self._signer = Signer(self.key)
+        _raise_descriptor_limit()
+        host = advertise or (socket.gethostname() if bind in ("0.0.0.0", "*") else bind)
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a vanished rank is not an error
-        try:
+        try:  # the gate first: its options must be set before the socket listens
+            self._gate = _Gate(self._ctx, self._router, self.key,
+                               curve=curve_for(f"tcp://{host}:0"))
             if port:
                 self._router.bind(f"tcp://{bind}:{port}")
                 bound = port
@@ -66,7 +95,7 @@ class Monitor:
         except zmq.ZMQError as e:
             self._ctx.destroy(linger=0)
             raise UsageError(f"cannot listen on {bind}:{port or 'a free port'}: {e}") from None
-        host = advertise or (socket.gethostname() if bind in ("0.0.0.0", "*") else bind)
+        self._gate.listening(bound)
         self.address = f"tcp://{host}:{bound}"
         self.host = socket.gethostname()
         # Requests go from callers' threads to the monitor's thread through an inproc pair.
@@ -134,7 +163,8 @@ class Monitor:
         with self.lock:
             return {"address": self.address, "ranks": len(self.collector.tracks),
                     "beats": self.collector.beats,
-                    "dropped": dataclasses.asdict(self.verifier.dropped)}
+                    "dropped": dataclasses.asdict(self.verifier.dropped),
+                    "refused_peers": self._gate.refused}
 
     def request_stacks(self, keys: list[str], *, timeout: float = 1.0
                        ) -> dict[str, list[ThreadStack]]:
@@ -223,10 +253,14 @@ class Monitor:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_in, zmq.POLLIN)
+        for sock in self._gate.sockets:
+            poller.register(sock, zmq.POLLIN)
         next_liveness = 0.0
         while not self._stop.is_set():
             try:
                 ready = dict(poller.poll(POLL_MS))
+                if any(sock in ready for sock in self._gate.sockets):
+                    self._gate.step()
                 if self._wake_in in ready:
                     self._send_requests()
                 if self._router in ready:
@@ -350,3 +384,108 @@ def _remove_dump_file(path: str | None) -> None:
     if path and os.path.basename(path).startswith("hangkit-stacks-"):
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+def _raise_descriptor_limit() -> None:
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = MAX_DESCRIPTORS if hard == resource.RLIM_INFINITY else min(hard, MAX_DESCRIPTORS)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+class _Gate:
+    """Who may talk to the monitor, decided during each peer's handshake, before any message
+    of theirs is read (ZeroMQ's ZAP: the handshake waits for our answer, in the monitor's
+    thread). With CURVE (an address beyond loopback), a client whose key is not the one derived
+    from the run's key is refused. On loopback, ZeroMQ cannot tell users apart, the kernel can:
+    each connection accepted is looked up (peer_uid), and one whose other end belongs to
+    another user, or is not on this host, is shut down (ZeroMQ then drops it) before its
+    handshake is answered. Either way, a peer refused never costs more than its handshake."""
+
+    def __init__(self, ctx: zmq.Context, router: zmq.Socket, key: str, *, curve: bool):
+        self.curve, self.refused, self.port = curve, 0, None
+        self._users = {os.geteuid(), 0}  # root can read the run's key anyway
+        router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        router.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_SECONDS * 1000))
+        router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        self._zap = ctx.socket(zmq.ROUTER)  # ZAP handler: ZeroMQ asks it about each handshake
+        self._zap.setsockopt(zmq.LINGER, 0)
+        self._zap.bind("inproc://zeromq.zap.01")
+        self.sockets = [self._zap]
+        self._client = self._events = None
+        if curve:
+            _, server_secret, client_public, _ = curve_keys(key)
+            router.setsockopt(zmq.CURVE_SERVER, 1)
+            router.setsockopt(zmq.CURVE_SECRETKEY, server_secret)
+            self._client = z85.decode(client_public)
+        else:
+            # Each connection's descriptor as it is accepted, before its handshake starts.
+            events = f"inproc://hangkit-monitor-accepts-{id(self)}"
+            router.monitor(events, zmq.EVENT_ACCEPTED)
+            self._events = ctx.socket(zmq.PAIR)
+            self._events.setsockopt(zmq.LINGER, 0)
+            self._events.setsockopt(zmq.RCVHWM, 0)  # never lose one, never block ZeroMQ's thread
+            self._events.connect(events)
+            self.sockets.append(self._events)
+
+    def listening(self, port: int) -> None:
+        self.port = port
+
+    def step(self) -> None:
+        """New connections looked at, then the handshakes waiting answered: a connection's
+        accept comes before its handshake, so none is answered before it was looked at."""
+        if self._events is not None:
+            while True:
+                try:
+                    frames = self._events.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                event, fd = struct.unpack_from("=HI", frames[0])
+                if event == zmq.EVENT_ACCEPTED:
+                    self._look_at(fd)
+        while True:
+            try:
+                request = self._zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            # [peer, b"", version, request id, domain, address, routing id, mechanism, *creds]
+            if len(request) < 8:
+                continue
+            mechanism, credentials = request[7], request[8:]
+            ok = (mechanism == b"CURVE" and credentials[:1] == [self._client]) if self.curve \
+                else mechanism == b"NULL"
+            self.refused += not ok
+            self._zap.send_multipart([request[0], b"", b"1.0", request[3],
+                                      b"200" if ok else b"400", b"", b"", b""])
+
+    def _look_at(self, fd: int) -> None:
+        """Shuts a connection down unless its other end is this user's (or root's) on this
+        host. The descriptor is ZeroMQ's: looked at through a duplicate, and only while it
+        still is a connection to our port (a number reused since is left alone)."""
+        try:
+            copy = os.dup(fd)
+        except OSError:
+            return  # closed already
+        try:
+            conn = socket.socket(fileno=copy)
+        except OSError:
+            os.close(copy)
+            return
+        with conn:
+            try:
+                local, peer = conn.getsockname(), conn.getpeername()
+            except OSError:
+                return
+            if conn.type != socket.SOCK_STREAM or local[1] != self.port:
+                return
+            try:
+                uid = peer_uid(peer, local)
+            except (OSError, ValueError):  # the kernel cannot say (no sock_diag, no /proc)
+                log.debug("the user of %s not known: let in", peer, exc_info=True)
+                return
+            if uid not in self._users:
+                self.refused += 1
+                log.debug("refused %s: its user is %s", peer, uid)
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)

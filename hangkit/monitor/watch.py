@@ -9,6 +9,7 @@ seconds to run stall detection over them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import selectors
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +28,9 @@ from hangkit.envsetup import hang_safe_environment
 from hangkit.errors import UsageError, check_positive_seconds, check_seconds_or_zero
 from hangkit.flight_recorder.environment import NCCL_PIPE_VARIABLE, recorder_environment
 from hangkit.inject import inject_environment, remove_hook
+from hangkit.monitor.foundjob import REPORTS_VARIABLE, SNAPSHOT_PREFIX
+from hangkit.monitor.guardian import orphan_proof
+from hangkit.monitor.guardian import start as start_guardian
 from hangkit.monitor.jobtree import MARKER_VARIABLE, JobTree, become_subreaper
 from hangkit.monitor.nccl_pipe import remove_pipes
 from hangkit.monitor.output import OutputTail, write_all
@@ -33,7 +38,6 @@ from hangkit.monitor.server import Monitor
 from hangkit.monitor.stall import AUTO, AUTO_FLOOR, HANG_KINDS, StallConfig
 from hangkit.monitor.terminate import end_job, end_nodes
 from hangkit.records import StallEvent
-from hangkit.text import who
 
 if TYPE_CHECKING:  # imported when first needed: a job that never hangs does not pay for it
     from hangkit.monitor.confirm import Confirmation
@@ -127,23 +131,39 @@ def watch(opts: WatchOptions) -> int:
     env, hook = inject_environment(env, on=opts.inject, watcher=os.getpid())
     marker = uuid.uuid4().hex
     env[MARKER_VARIABLE] = marker
+    # Named now, so that `hangkit attach` finds where snapshots go from any process of the job.
+    opts = dataclasses.replace(opts, report_dir=Path(opts.report_dir or (
+        f"hangkit-report-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")).absolute())
+    env[REPORTS_VARIABLE] = str(opts.report_dir)
     auto = opts.progress_timeout == AUTO
     stall_after = AUTO_FLOOR if auto else opts.progress_timeout or opts.timeout
     # A desync must be established before the stall it causes is reported as a hang.
     monitor = Monitor(bind=opts.bind, config=StallConfig(
         stall_after=stall_after, desync_after=min(2.0, stall_after / 2), auto=auto))
     env.update(monitor.environment())
+    # From here on (the finally below tells it goodbye), should watch die without cleaning up
+    # (SIGKILL, the OOM killer), its guardian ends the job and removes these (guardian.py).
+    guardian = start_guardian(marker=marker, grace=opts.grace, directories=[tmpdir, hook],
+                              pipes=pipes)
+    helpers = frozenset([guardian.pid] if guardian is not None else [])
     become_subreaper()
-    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, _raise_interrupted) for s in _ending_signals()}
+    # Before the job starts: SIGUSR1's default action would end watch.
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, _ask_snapshot)
     proc = None
     try:
         try:
-            proc = subprocess.Popen([executable, *opts.command[1:]], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=env, bufsize=0)
-            watcher = _Watcher(opts, proc, JobTree(proc.pid, marker), env, monitor)
+            # Through orphan_proof: the job's first process gets SIGTERM the moment watch dies.
+            proc = subprocess.Popen(orphan_proof([executable, *opts.command[1:]], env),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                    bufsize=0)
+            if guardian is not None:
+                guardian.job_started(proc.pid)
+            watcher = _Watcher(opts, proc, JobTree(proc.pid, marker, helpers=helpers), env,
+                               monitor)
         except _Interrupted as e:  # before the loop could take it: end what was started
             if proc is not None:
-                end_job(JobTree(proc.pid, marker), grace=opts.grace)
+                end_job(JobTree(proc.pid, marker, helpers=helpers), grace=opts.grace)
                 proc.wait()
             return 128 + e.signum
         return watcher.run()
@@ -155,10 +175,28 @@ def watch(opts: WatchOptions) -> int:
         remove_pipes(pipes)
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
+        if guardian is not None:  # last: until now, a SIGKILL leaves the rest to it
+            guardian.goodbye()
+
+
+def _ending_signals() -> list[int]:
+    """The signals that end the job cleanly: SIGINT, SIGTERM (PBS at the walltime), and SIGHUP
+    (a dropped ssh session), except where SIGHUP was ignored when watch started: nohup's (and
+    tmux's, a batch script's) promise that the job outlives the terminal."""
+    hangup = [] if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else [signal.SIGHUP]
+    return [signal.SIGINT, signal.SIGTERM, *hangup]
 
 
 def _raise_interrupted(signum, _frame):
     raise _Interrupted(signum)
+
+
+# Set by SIGUSR1, taken by the watch loop within a TICK: a look is no work for a handler.
+_SNAPSHOT_ASKED = threading.Event()
+
+
+def _ask_snapshot(_signum, _frame):
+    _SNAPSHOT_ASKED.set()
 
 
 class _Watcher:
@@ -176,6 +214,8 @@ class _Watcher:
         self.confirmations: dict[str, Confirmation] = {}
         self.stall: StallEvent | None = None  # a progress stall a look found still moving
         self.progress_look = 0.0  # when to look at that stall again
+        self._ending = False  # the job is being ended: a signal now escalates to SIGKILL
+        self.snapshots = 0  # taken on SIGUSR1
         self.sel = selectors.DefaultSelector()
         self.forward = {proc.stdout.fileno(): 1, proc.stderr.fileno(): 2}
         for fd in self.forward:
@@ -192,9 +232,7 @@ class _Watcher:
         try:
             return self._loop()
         except _Interrupted as e:
-            say(f"received {signal.Signals(e.signum).name}: ending the job")
-            self._end()
-            return 128 + e.signum
+            return self._interrupted(e.signum)
         except Exception as e:  # a bug of watch's own must not leave the job running
             say(f"internal error ({type(e).__name__}: {e}): ending the job")
             self._end()
@@ -208,6 +246,8 @@ class _Watcher:
 
     def _loop(self) -> int:
         while True:
+            if _SNAPSHOT_ASKED.is_set():
+                self._snapshot()
             idle = time.monotonic() - self.last_output
             if idle >= self.next_look:
                 code = self._suspect(idle, "output", self._silence_reason(idle))
@@ -249,7 +289,8 @@ class _Watcher:
     def _suspect(self, idle: float, detector: str, reason: str) -> int | None:
         """A detector fired: looks at every process before calling it a hang. Returns the
         exit code when it is one (or the ceiling is reached), None to keep watching."""
-        from hangkit.monitor.confirm import Confirmation  # only once something looks wrong
+        # Only once something looks wrong.
+        from hangkit.monitor.confirm import Confirmation, progressing_phrase
 
         confirmation = self.confirmations.setdefault(detector, Confirmation())
         ranks = self.monitor.statuses()
@@ -263,7 +304,7 @@ class _Watcher:
         moving = confirmation.progressing
         if moving and silent < ceiling:
             say(f"{'silent' if detector == 'output' else 'no progress beats'} for "
-                f"{idle:.0f} s, but {_progressing(moving)}; looking again in "
+                f"{idle:.0f} s, but {progressing_phrase(moving)}; looking again in "
                 f"{self.opts.timeout:g} s")
             self.next_look = silent + self.opts.timeout
             self.progress_look = time.monotonic() + self.monitor.detector.stall_after
@@ -271,7 +312,7 @@ class _Watcher:
         if moving:
             look.verdict = "ceiling"
             reason = (f"{reason}; ended at --max-silence {ceiling:g} although "
-                      f"{_progressing(moving)}")
+                      f"{progressing_phrase(moving)}")
         return self._hang(silent if detector == "output" else idle, confirmation,
                           detector=detector, reason=reason)
 
@@ -374,26 +415,92 @@ class _Watcher:
             say(f"report: {paths[1]} (and {paths[0].name} beside it)")
         return HANG_EXIT
 
+    def _snapshot(self) -> None:
+        """SIGUSR1 (`kill -USR1`, or `hangkit attach WATCH_PID`): a report of the job now,
+        from a look at every process, written beside the reports as snapshot-N; the job goes
+        on, and so does the watch (a look's seconds do not count as the job's silence)."""
+        from hangkit.files import private_directory
+        from hangkit.monitor.confirm import Confirmation, progressing_phrase
+        from hangkit.monitor.jobcontext import job_context
+        from hangkit.monitor.report import build_report, write_report
+
+        _SNAPSHOT_ASKED.clear()
+        self.snapshots += 1
+        idle = time.monotonic() - self.last_output
+        looking = time.monotonic()
+        confirmation = Confirmation()
+        look = confirmation.look(self.monitor, self.monitor.statuses(), self.tree.pids(),
+                                 at=idle)
+        moving = confirmation.progressing
+        reason = (f"snapshot asked for (SIGUSR1), {idle:.0f} s after the job's last output: "
+                  + (progressing_phrase(moving) if moving else "no rank or worker progressing"))
+        report = build_report(
+            reason=reason, command=self.opts.command, idle_seconds=idle,
+            processes=confirmation.snapshots, last_lines=self.tail.lines(),
+            context={**job_context(self.env), "monitor": self.monitor.stats()},
+            started_at=self.started_at, capture_seconds=look.capture_seconds,
+            detector="snapshot", ranks=self.monitor.statuses(),
+            events=self.monitor.active_events(), looks=confirmation.looks,
+            nodes=confirmation.nodes)
+        report.hang = False  # watch's timeouts judge hangs; a snapshot says where things are
+        directory = self.opts.report_dir / f"{SNAPSHOT_PREFIX}{self.snapshots}"
+        try:
+            private_directory(self.opts.report_dir)  # the reports' own, before snapshot-N
+            paths = write_report(report, directory)
+            say(f"snapshot: {paths[1]} (the job goes on)")
+        except OSError as e:
+            say(f"cannot write the snapshot to {directory}: {e.strerror or e}")
+        self.last_output += time.monotonic() - looking
+
     def _write(self, report):
+        from hangkit.files import NotYourDirectory
         from hangkit.monitor.report import write_report
 
-        directory = self.opts.report_dir or Path(
-            f"hangkit-report-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        directory = Path(self.opts.report_dir or
+                         f"hangkit-report-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
         try:
             return write_report(report, directory)
+        except NotYourDirectory as e:
+            # A link planted at the name, another user's directory, one others can write:
+            # never written through. A fresh one (mkdtemp: made exclusively, 0700) beside it.
+            why, places = f"not using {e}", [directory.parent, Path("."), None]
         except OSError as e:
-            fallback = Path(tempfile.mkdtemp(prefix="hangkit-report-"))
-            say(f"cannot write the report to {directory} ({e.strerror}); writing to {fallback}")
+            why, places = f"cannot write the report to {directory} ({e.strerror or e})", [None]
+        for place in places:
+            try:
+                fallback = Path(tempfile.mkdtemp(prefix="hangkit-report-", dir=place)).absolute()
+            except OSError:
+                continue
+            say(f"{why}; writing it to {fallback} instead")
             try:
                 return write_report(report, fallback)
             except OSError as e2:
-                say(f"cannot write the report to {fallback} either ({e2.strerror})")
+                say(f"cannot write the report to {fallback} either ({e2.strerror or e2})")
                 return None
+        say(f"{why}; no directory could be made for it")
+        return None
 
-    def _end(self) -> None:
-        say(f"ending the job: SIGTERM, then SIGKILL after {self.opts.grace:g} s")
-        others = end_nodes(self.monitor, grace=self.opts.grace)  # in the background
-        result = end_job(self.tree, grace=self.opts.grace)
+    def _interrupted(self, signum: int) -> int:
+        """SIGINT, SIGTERM, SIGHUP: the job is ended as watch ends it (a hang already confirmed
+        has its report written). A signal while it is being ended (a report's end, or a first
+        signal's, during the grace) ends what is left with SIGKILL at once, and so does any
+        after it: the exit code is the first signal's."""
+        grace = 0.0 if self._ending else None
+        say(f"received {signal.Signals(signum).name}: " + (
+            "SIGKILL to what is left of the job" if grace == 0.0 else "ending the job"))
+        while True:
+            try:
+                self._end(grace)
+                return 128 + signum
+            except _Interrupted:
+                grace = 0.0
+
+    def _end(self, grace: float | None = None) -> None:
+        self._ending = True  # a signal from here on: _interrupted
+        grace = self.opts.grace if grace is None else grace
+        say(f"ending the job: SIGTERM, then SIGKILL after {grace:g} s")
+        others = end_nodes(self.monitor, grace=grace)  # in the background
+        result = end_job(self.tree, grace=grace)
         self.proc.wait()
         for line in others():
             say(line)
@@ -405,12 +512,3 @@ class _Watcher:
             say(f"removed the shared memory the ended processes left: {', '.join(result.removed)}")
         if result.survivors:
             say(f"WARNING: could not end: {', '.join(map(str, result.survivors))}")
-
-
-def _progressing(looks) -> str:
-    """'ranks 0-3 are progressing: rank 0 importing (torch/distributed/...); ...'"""
-    ranks = sorted({p.rank for p in looks if p.rank is not None})
-    shown = "; ".join(f"{p.label} {p.where}" for p in looks[:3]) + (
-        "; ..." if len(looks) > 3 else "")
-    one = len(ranks) == 1 if ranks else len(looks) == 1
-    return f"{who(ranks, [p.pid for p in looks])} {'is' if one else 'are'} progressing: {shown}"

@@ -6,7 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hangkit.records.base import SCHEMA, Activity, ProcessState, Record, Role, parse_enum
+from hangkit.records.base import (
+    SCHEMA,
+    Activity,
+    ProcessState,
+    Record,
+    Role,
+    conform,
+    parse_enum,
+)
 from hangkit.records.progress import RankStatus, StallEvent
 from hangkit.text import format_ranks
 
@@ -193,12 +201,20 @@ class TreeNode(Record):
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TreeNode:
-        return cls(
-            frame=Frame.from_json(d["frame"]) if d.get("frame") else None,
-            ranks=list(d.get("ranks", [])),
-            pids=list(d.get("pids", [])),
-            children=[TreeNode.from_json(c) for c in d.get("children", [])],
-        )
+        # Without recursion: a tree nests as deep as the deepest stack (hundreds of frames).
+        root = cls._one(d)
+        todo = [(root, d.get("children", []))]
+        while todo:
+            node, children = todo.pop()
+            for c in children:
+                node.children.append(child := cls._one(c))
+                todo.append((child, c.get("children", [])))
+        return root
+
+    @classmethod
+    def _one(cls, d: dict[str, Any]) -> TreeNode:
+        return cls(frame=Frame.from_json(d["frame"]) if d.get("frame") else None,
+                   ranks=list(d.get("ranks", [])), pids=list(d.get("pids", [])))
 
 
 @dataclass
@@ -304,7 +320,14 @@ class HangReport(Record):
     schema: int = SCHEMA
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> HangReport:
+    def from_json(cls, d: dict[str, Any], problems: list[str] | None = None) -> HangReport:
+        """The report a JSON object holds. Read tolerantly (see hangkit.records), and a field
+        of the wrong type, at any depth, reads as its default (base.conform): each is named
+        in `problems` where a list is given, so that a reader can refuse the file or say
+        what it could not show."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a hang report is a JSON object, not {type(d).__name__}")
+        d = conform(cls, d, [] if problems is None else problems)
         return cls(
             hang=d.get("hang", True),
             reason=d.get("reason", ""),

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hangkit.records.base import RankState, Record, WorkerPhase, parse_enum
+from hangkit.records.base import RankState, Record, WorkerPhase, conform, parse_enum
 
 
 @dataclass
@@ -163,6 +163,9 @@ class RankStatus(Record):
         extra = dict(d.get("extra") or {})
         # hangkit 0.1.0 carried the workers as untyped dicts in extra.
         workers = d.get("workers") or extra.pop("dataloader_workers", None) or []
+        if not d.get("workers"):  # 0.1.0's untyped dicts: what a file holds, made fit first
+            workers = [conform(WorkerState, w, [], fill=True) for w in workers
+                       if isinstance(w, dict)] if isinstance(workers, list) else []
         d["workers"] = [WorkerState.from_json(w) for w in workers if isinstance(w, dict)]
         d["extra"] = extra
         return cls(**d)

@@ -30,7 +30,14 @@ from hangkit.batches import Encoder, key_of
 from hangkit.procfs import pid_alive
 from hangkit.shim import MADE_MARK
 from hangkit.shim.gather import JOBS, Gather, Job
-from hangkit.transport import MONITOR_ADDRESS, MONITOR_KEY, Signer, Verifier
+from hangkit.transport import (
+    MAX_MESSAGE_BYTES,
+    MONITOR_ADDRESS,
+    MONITOR_KEY,
+    Signer,
+    Verifier,
+    secure_client,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,7 @@ SEND_HWM = 16  # batches and replies queued for a slow monitor before they are d
 SOURCE_SECONDS = 0.5  # for one source file's lines (frames' text, for the monitor)
 AGENT_KINDS = ("beat", "bye")
 REPLY_KINDS = ("stacks", "recording", "captured", "sampled", "signalled", "ended")
+RECEIVE_BURST = 1000  # local messages taken in one go, at most
 
 
 class Relay:
@@ -54,11 +62,14 @@ class Relay:
         self.up_verifier = Verifier(key)
         self.ctx = zmq.Context()
         self.local = self.ctx.socket(zmq.ROUTER)
-        self.local.setsockopt(zmq.LINGER, 0)
-        self.local.bind(endpoint)
+        for option, value in ((zmq.LINGER, 0), (zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)):
+            self.local.setsockopt(option, value)
+        _bind_private(self.local, endpoint)
         self.up = self.ctx.socket(zmq.DEALER)
-        for option, value in ((zmq.LINGER, 500), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, SEND_HWM)):
+        for option, value in ((zmq.LINGER, 500), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, SEND_HWM),
+                              (zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)):
             self.up.setsockopt(option, value)
+        secure_client(self.up, monitor, key)  # CurveZMQ where the monitor listens beyond loopback
         self.up.connect(monitor)
         self._agents: dict[str, tuple[bytes, dict, float]] = {}  # key: (identity, beat, at)
         self._fresh: set[str] = set()  # agents whose latest beat has not gone up yet
@@ -117,7 +128,7 @@ class Relay:
 
     def _receive_local(self) -> None:
         zmq = self.zmq
-        while True:
+        for _ in range(RECEIVE_BURST):  # then the loop's other work: a flood never stops it
             try:
                 frames = self.local.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -213,6 +224,20 @@ class Relay:
         except self.zmq.ZMQError:  # no monitor, or a slow one: this node's news is dropped
             self.dropped += 1
             return False
+
+
+def _bind_private(sock, endpoint: str) -> None:
+    """Binds the node's socket 0600 whatever the umask: created so (a private umask around the
+    bind, in this one-threaded process), and made so (chmod) before anyone is read. Only this
+    user (and root) can connect; everyone else never reaches ZeroMQ (issue 24)."""
+    previous = os.umask(0o077)
+    try:
+        sock.bind(endpoint)
+    finally:
+        os.umask(previous)
+    path = endpoint.removeprefix("ipc://")
+    if endpoint.startswith("ipc://") and not path.startswith("@"):  # @: abstract, no file
+        os.chmod(path, 0o600)
 
 
 def with_source(reply: dict) -> dict:

@@ -48,7 +48,10 @@ def main():
     if os.path.exists(pipe):
         os.unlink(pipe)
     os.mkfifo(pipe, 0o666)
-    out = f"{os.environ.get('TORCH_FR_DUMP_TEMP_FILE', '/tmp/nccl_trace_rank_')}{rank}"
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    prefix = os.environ.get("TORCH_FR_DUMP_TEMP_FILE") or \
+        os.path.join(cache, "torch", "comm_lib_trace_rank_")  # torch 2.7+'s default
+    out = f"{prefix}{rank}"
     threading.Thread(target=watchdog, args=(pipe, out), daemon=True).start()
     print(f"ready: {pipe}", flush=True)
     threading.Event().wait()
