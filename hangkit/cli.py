@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--hosts", type=Path, default=None, metavar="FILE",
                     help="with --job: the nodes to look on, one per line (a PBS node file)")
     at.add_argument("--timeout", type=_seconds_argument, default=0.0, metavar="S",
-                    help="while a rank or worker is seen progressing, look again for up to S "
-                    "seconds before saying so (default: 0, one look)")
+                    help="look again and again for S seconds, and judge the last look against "
+                    "every stack seen: a rank on its way into its wait is seen arrived, a step "
+                    "longer than a look is seen to move on (default: 0, one look)")
     at.add_argument("--end", action="store_true",
                     help="end the job, as watch does, when it is judged hung")
     at.add_argument("--grace", type=_seconds_argument, default=30.0, metavar="S",

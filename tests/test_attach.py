@@ -2,8 +2,8 @@
 imports nothing of hangkit's), a job on two simulated nodes found by its PBS_JOBID, and a job
 under `hangkit watch` asked for a snapshot with SIGUSR1.
 
-Each job signals readiness (a record per rank, written once the rank is where the test wants
-it); attach's own re-looks (--timeout) absorb a rank still on its way into its wait.
+Each job signals readiness (a record per rank, written right before the rank blocks); attach's
+own looks over --timeout see a rank or worker still on its way into its wait arrived.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def test_attach_names_the_rank_that_wandered_off_leaves_the_job_then_ends_it(tmp
     proc, ready = start_job(tmp_path, "hang", 3)
     try:
         records = wait_ready(proc, ready, 3)
-        done = attach(str(proc.pid), "--timeout", "60", "--report-dir", str(tmp_path / "r1"),
+        done = attach(str(proc.pid), "--timeout", "8", "--report-dir", str(tmp_path / "r1"),
                       cwd=tmp_path)
         assert done.returncode == 124, done.stderr[-4000:]
         report = json.loads((tmp_path / "r1" / "hang-report.json").read_text())
@@ -108,7 +108,7 @@ def test_attach_names_the_rank_that_wandered_off_leaves_the_job_then_ends_it(tmp
 
         # Attached to a rank this time, and --end: the whole job goes, nothing left.
         rank = next(r["pid"] for r in records if r["rank"] == 2)
-        done = attach(str(rank), "--timeout", "60", "--end", "--grace", "5",
+        done = attach(str(rank), "--timeout", "8", "--end", "--grace", "5",
                       "--report-dir", str(tmp_path / "r2"), cwd=tmp_path)
         assert done.returncode == 124, done.stderr[-4000:]
         assert "--end: ended" in done.stderr, done.stderr[-2000:]
@@ -199,7 +199,7 @@ def test_usr1_to_a_watched_hung_job_writes_a_snapshot_and_the_hang_is_still_caug
            "MASTER_PORT": str(free_port()), "ATTACH_JOB_WANDERING": str(WANDERING)}
     # The timeout leaves the snapshot (a look and a capture, slower under load) its time.
     # attach_job.py prints nothing: its silence counts from the start (--startup-timeout).
-    watch = subprocess.Popen([*HANGKIT, "watch", "--timeout", "60", "--startup-timeout", "60",
+    watch = subprocess.Popen([*HANGKIT, "watch", "--timeout", "30", "--startup-timeout", "45",
                               "--grace", "5",
                               "--report-dir", str(reports), "--", mpiexec(), "-n", "2",
                               sys.executable, JOB, "hang"], env=env, cwd=tmp_path,
@@ -252,7 +252,7 @@ def test_attach_by_pbs_job_id_on_two_simulated_nodes(nodes, tmp_path):
         wait_ready(job, ready, 4)
         attach_env = nodes.env(HANGKIT_SSH=str(simnodes.SIMSSH))
         done = nodes.run(0, [*HANGKIT, "attach", "--job", job_id, "--hosts", str(hosts),
-                             "--timeout", "60", "--report-dir", str(tmp_path / "r")],
+                             "--timeout", "8", "--report-dir", str(tmp_path / "r")],
                          env=attach_env, timeout=400)
         assert done.returncode == 124, done.stderr[-4000:]
         report = json.loads((tmp_path / "r" / "hang-report.json").read_text())

@@ -107,10 +107,10 @@ def attach(target: int | str, *, timeout: float = 0.0, hosts: list[str] | None =
            wait: float | None = None) -> AttachView:
     """Looks at the running job `target` belongs to (a pid on this node, int) or at PBS job
     `target` (str; on `hosts`, default its nodes), as `hangkit attach` does: one look, or looks
-    again while nothing moves until `timeout` seconds; writes the report (under
-    `report_dir`, default a new hangkit-report-* directory here); ends the job if `end` and
-    it is hung. The kernel waits `wait` seconds at most (default `timeout` + 120). Errors come
-    back in the view (`.error`), said in one line, never raised."""
+    again and again for `timeout` seconds, judging the last against all it saw; writes the
+    report (under `report_dir`, default a new hangkit-report-* directory here); ends the job
+    if `end` and it is hung. The kernel waits `wait` seconds at most (default `timeout` +
+    120). Errors come back in the view (`.error`), said in one line, never raised."""
     try:
         check_seconds_or_zero("timeout", timeout)
         if isinstance(target, int) and not isinstance(target, bool) and target <= 0:

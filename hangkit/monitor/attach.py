@@ -2,8 +2,8 @@
 
 The job is found from any of its processes (monitor/foundjob.py), or by its PBS job id on each
 of its nodes. Then the same path as watch's: a look at every process (monitor/confirm.py: its
-samples and classes), the capture it ends with, the diagnosis, one HangReport. Where nothing
-moved, it looks again until `timeout`: a hang is what does not move for that long. The job is
+samples and classes), the capture it ends with, the diagnosis, one HangReport. With a
+`timeout`, it looks again until then, and judges the last look against all it saw. The job is
 left running unless `end` is asked and the verdict is a hang: a person attaching to a job
 that is progressing has not asked for it to be killed.
 
@@ -53,7 +53,7 @@ HANG_EXIT = 124
 # training step of up to that long, spent in one C++ call (backward), shows a second stack
 # (--timeout looks again, for longer steps).
 SAMPLES, GAP = 6, 0.3
-RELOOK_SECONDS = 2.0  # between looks at a job where nothing moved, while `timeout` allows
+RELOOK_SECONDS = 2.0  # between looks, while `timeout` allows
 SNAPSHOT_SECONDS = 60.0  # for watch to write a snapshot asked for (a look and a capture)
 NODE_SECONDS = 60.0  # for a node to answer, on top of `timeout`: ssh, start-up, its look
 NODE_ANSWER_BYTES = 256 << 20  # what one node's answer may weigh: snapshots of its processes
@@ -139,8 +139,10 @@ def attach(target: int | str, *, hosts: list[str] | None = None, timeout: float 
 
 
 def look_here(job: FoundJob, *, timeout: float) -> NodeLook:
-    """Looks at the job's processes on this node; while nothing moves, looks again until
-    `timeout`; the last look's capture."""
+    """Looks at the job's processes on this node, and again until `timeout`: the last look,
+    judged against every stack the looks saw (confirm.py's history), and its capture. So a
+    rank still on its way into its wait is seen arrived, and a training step longer than one
+    look is seen to have moved on."""
     from hangkit.monitor.confirm import Confirmation
     from hangkit.monitor.server import Monitor
 
@@ -153,7 +155,7 @@ def look_here(job: FoundJob, *, timeout: float) -> NodeLook:
             look = confirmation.look(monitor, [], job.pids(), at=time.monotonic() - started,
                                      samples=SAMPLES, gap=GAP)
             left = timeout - (time.monotonic() - started)
-            if moving(look) or confirmation.all_gone or left <= 0:
+            if confirmation.all_gone or left <= 0:
                 break
             time.sleep(min(RELOOK_SECONDS, left))  # the next look, bounded by `timeout`
     for s in confirmation.snapshots:
