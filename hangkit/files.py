@@ -20,6 +20,7 @@ import os
 import pwd
 import secrets
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -65,6 +66,12 @@ class NotYourDirectory(HangkitError, PermissionError):
         super().__init__(f"{path}: {why}", hint="give a new path, or a directory of yours "
                          "that only you can write")
         self.path, self.why = Path(path), why
+
+
+def default_report_dir() -> Path:
+    """Where a hang report goes when no directory was given (watch, attach): a new one under
+    the current one."""
+    return Path(f"hangkit-report-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
 
 
 def private_directory(directory: str | os.PathLike) -> Path:

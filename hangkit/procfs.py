@@ -193,6 +193,31 @@ def shared_memory_files(pids: Iterable[int]) -> set[str]:
     return found
 
 
+def shared_memory_names() -> set[str]:
+    """The names in /dev/shm now: what new_shared_memory compares with."""
+    try:
+        return set(os.listdir(SHARED_MEMORY))
+    except OSError:
+        return set()
+
+
+def new_shared_memory(before: set[str]) -> set[str]:
+    """This user's plain files in /dev/shm that were not there `before` (a job's segments,
+    whose holders may all be dead already); remove_unheld_shared_memory keeps those that some
+    process still holds."""
+    found = set()
+    uid = os.getuid()
+    for name in shared_memory_names() - before:
+        path = os.path.join(SHARED_MEMORY, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if info.st_uid == uid and info.st_nlink == 1 and stat.S_ISREG(info.st_mode):
+            found.add(path)
+    return found
+
+
 def remove_unheld_shared_memory(paths: set[str]) -> list[str]:
     """Removes those of these /dev/shm files that no process of this machine (this PID
     namespace) holds any more; returns them. For the segments of processes that were killed:

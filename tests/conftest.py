@@ -48,6 +48,20 @@ def no_process_left_behind(monkeypatch):
         f"{p.pid} {' '.join(p.cmdline()) if p.is_running() else ''}" for p in left)
 
 
+@contextlib.contextmanager
+def removing_left_shared_memory():
+    """Around a job whose MPI ranks are killed or abort, outside watch: MPICH removes its
+    /dev/shm segment only in MPI_Finalize, so the segments made meanwhile that nobody holds
+    at the end are removed (the tests run one at a time: what is new is this test's)."""
+    from hangkit.procfs import new_shared_memory, remove_unheld_shared_memory, shared_memory_names
+
+    before = shared_memory_names()
+    try:
+        yield
+    finally:
+        remove_unheld_shared_memory(new_shared_memory(before))
+
+
 @dataclass
 class WatchRun:
     returncode: int

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import mpiexec, program
+from conftest import mpiexec, program, removing_left_shared_memory
 from test_watch_hangs import HANG, assert_all_gone, kinds
 
 from hangkit.launcher import free_port
@@ -120,6 +120,11 @@ def test_rank_killed_with_sigkill_is_dead_while_the_others_wait(run_watch, tmp_p
 def ranks_reporting_to(monitor: Monitor, command: list[str], extra_env: dict | None = None):
     """Runs a job whose agents report to monitor; ends its whole session afterwards."""
     env = {**os.environ, **monitor.environment(), **(extra_env or {})}
+    with removing_left_shared_memory():
+        yield from _ranks(command, env)
+
+
+def _ranks(command: list[str], env: dict):
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     job: list[psutil.Process] = []
     try:

@@ -32,6 +32,7 @@ from pathlib import Path
 import psutil
 
 from hangkit.errors import HangkitError, UsageError, check_seconds_or_zero
+from hangkit.files import default_report_dir
 from hangkit.monitor.foundjob import (
     SNAPSHOT_PREFIX,
     SSH_VARIABLE,
@@ -283,7 +284,11 @@ def _conclude(looks: list[NodeLook], *, job: FoundJob | None, what: str, end: bo
     """The verdict on the nodes' looks, the report, and the job ended if asked and hung."""
     from hangkit.monitor.confirm import progressing_phrase
     from hangkit.monitor.jobcontext import job_context
-    from hangkit.monitor.report import build_report, render_summary, write_report
+    from hangkit.monitor.report import (
+        build_report,
+        render_summary,
+        write_report,
+    )
 
     merged = _merge_looks([n.look for n in looks if n.look is not None])
     snapshots = [s for n in looks for s in n.snapshots]
@@ -320,8 +325,7 @@ def _conclude(looks: list[NodeLook], *, job: FoundJob | None, what: str, end: bo
         started_at=started_at, capture_seconds=merged.capture_seconds, looks=[merged],
         nodes=nodes, secrets=secrets)
     report.hang = verdict == HUNG
-    directory = Path(report_dir) if report_dir else Path(
-        f"hangkit-report-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    directory = Path(report_dir) if report_dir else default_report_dir()
     paths = write_report(report, directory)
     summary = render_summary(report)
     if end and job is not None:

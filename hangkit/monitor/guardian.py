@@ -211,7 +211,7 @@ def take_over(config: dict, root: tuple[int, int | None] | None, shm_before: set
     from hangkit.monitor.jobtree import JobTree
     from hangkit.monitor.nccl_pipe import remove_pipes
     from hangkit.monitor.terminate import end_job
-    from hangkit.procfs import remove_unheld_shared_memory
+    from hangkit.procfs import new_shared_memory, remove_unheld_shared_memory
 
     watcher, grace = config["watcher"], float(config["grace"])
     _say(f"watch (pid {watcher}) is gone without ending its job: its guardian (pid "
@@ -241,27 +241,10 @@ def take_over(config: dict, root: tuple[int, int | None] | None, shm_before: set
         if not os.path.exists(directory):
             removed.append(directory)
     remove_pipes(config.get("pipes"))
-    shared.update(remove_unheld_shared_memory(_new_shared_memory(shm_before)))
+    shared.update(remove_unheld_shared_memory(new_shared_memory(shm_before)))
     removed += sorted(shared)
     if removed:
         _say(f"removed {', '.join(removed)}")
-
-
-def _new_shared_memory(before: set[str]) -> set[str]:
-    """The files this user made in /dev/shm since the guardian started (the job's segments,
-    whose holders may all be dead already); remove_unheld_shared_memory keeps those that some
-    process still holds."""
-    found = set()
-    uid = os.getuid()
-    for name in _listing(SHARED_MEMORY) - before:
-        path = os.path.join(SHARED_MEMORY, name)
-        try:
-            info = os.lstat(path)
-        except OSError:
-            continue
-        if info.st_uid == uid and info.st_nlink == 1 and (info.st_mode & 0o170000) == 0o100000:
-            found.add(path)
-    return found
 
 
 def _listing(directory: str) -> set[str]:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from hangkit.envsetup import hang_safe_environment
 from hangkit.errors import UsageError, check_positive_seconds, check_seconds_or_zero
+from hangkit.files import default_report_dir
 from hangkit.flight_recorder.environment import NCCL_PIPE_VARIABLE, recorder_environment
 from hangkit.inject import inject_environment, remove_hook
 from hangkit.monitor.foundjob import REPORTS_VARIABLE, SNAPSHOT_PREFIX
@@ -37,6 +38,7 @@ from hangkit.monitor.output import OutputTail, write_all
 from hangkit.monitor.server import Monitor
 from hangkit.monitor.stall import AUTO, AUTO_FLOOR, HANG_KINDS, StallConfig
 from hangkit.monitor.terminate import end_job, end_nodes
+from hangkit.procfs import new_shared_memory, remove_unheld_shared_memory, shared_memory_names
 from hangkit.records import StallEvent
 
 if TYPE_CHECKING:  # imported when first needed: a job that never hangs does not pay for it
@@ -132,8 +134,8 @@ def watch(opts: WatchOptions) -> int:
     marker = uuid.uuid4().hex
     env[MARKER_VARIABLE] = marker
     # Named now, so that `hangkit attach` finds where snapshots go from any process of the job.
-    opts = dataclasses.replace(opts, report_dir=Path(opts.report_dir or (
-        f"hangkit-report-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")).absolute())
+    opts = dataclasses.replace(opts, report_dir=Path(
+        opts.report_dir or default_report_dir()).absolute())
     env[REPORTS_VARIABLE] = str(opts.report_dir)
     auto = opts.progress_timeout == AUTO
     stall_after = AUTO_FLOOR if auto else opts.progress_timeout or opts.timeout
@@ -151,6 +153,7 @@ def watch(opts: WatchOptions) -> int:
     # Before the job starts: SIGUSR1's default action would end watch.
     previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, _ask_snapshot)
     proc = None
+    shm_before = shared_memory_names()  # the job's segments are those made after this
     try:
         try:
             # Through orphan_proof: the job's first process gets SIGTERM the moment watch dies.
@@ -160,7 +163,7 @@ def watch(opts: WatchOptions) -> int:
             if guardian is not None:
                 guardian.job_started(proc.pid)
             watcher = _Watcher(opts, proc, JobTree(proc.pid, marker, helpers=helpers), env,
-                               monitor)
+                               monitor, shm_before)
         except _Interrupted as e:  # before the loop could take it: end what was started
             if proc is not None:
                 end_job(JobTree(proc.pid, marker, helpers=helpers), grace=opts.grace)
@@ -201,8 +204,9 @@ def _ask_snapshot(_signum, _frame):
 
 class _Watcher:
     def __init__(self, opts: WatchOptions, proc: subprocess.Popen, tree: JobTree, env: dict,
-                 monitor: Monitor):
+                 monitor: Monitor, shm_before: set[str]):
         self.opts, self.proc, self.tree, self.env = opts, proc, tree, env
+        self.shm_before = shm_before
         self.monitor = monitor
         self.tail = OutputTail()
         self.started_at = time.time()
@@ -386,7 +390,16 @@ class _Watcher:
             if ended:
                 say(f"ended {len(ended)} process(es) the command left running: "
                     f"{', '.join(map(str, ended))}")
+        if code != 0:
+            self._remove_shared_memory()
         return 128 - code if code < 0 else code
+
+    def _remove_shared_memory(self) -> None:
+        """The /dev/shm segments the job made and nobody holds any more: a rank that was
+        killed, or aborted, never reaches the MPI_Finalize that removes MPICH's."""
+        removed = remove_unheld_shared_memory(new_shared_memory(self.shm_before))
+        if removed:
+            say(f"removed the shared memory the job left: {', '.join(removed)}")
 
     def _hang(self, idle: float, confirmation: Confirmation, *, detector: str,
               reason: str) -> int:
@@ -456,8 +469,7 @@ class _Watcher:
         from hangkit.files import NotYourDirectory
         from hangkit.monitor.report import write_report
 
-        directory = Path(self.opts.report_dir or
-                         f"hangkit-report-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        directory = Path(self.opts.report_dir)  # named at start: see watch()
         try:
             return write_report(report, directory)
         except NotYourDirectory as e:
@@ -510,5 +522,6 @@ class _Watcher:
         say(line)
         if result.removed:
             say(f"removed the shared memory the ended processes left: {', '.join(result.removed)}")
+        self._remove_shared_memory()  # and what ranks that died before left
         if result.survivors:
             say(f"WARNING: could not end: {', '.join(map(str, result.survivors))}")

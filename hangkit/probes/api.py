@@ -186,7 +186,7 @@ def kill_session(proc: subprocess.Popen, *, marker: str | None = None,
     proxy and the MPI ranks under it) and daemons (torch_shm_manager)."""
     import psutil  # here: probe modules import api, and the doctor's children should start fast
 
-    from hangkit.procfs import read_environ
+    from hangkit.procfs import read_environ, remove_unheld_shared_memory, shared_memory_files
 
     try:
         descendants = psutil.Process(proc.pid).children(recursive=True)
@@ -200,6 +200,8 @@ def kill_session(proc: subprocess.Popen, *, marker: str | None = None,
             if os.getpgid(p.pid) == proc.pid or (
                     marker and (read_environ(p.pid) or {}).get(MARKER_VARIABLE) == marker):
                 descendants.append(p)
+    # A SIGKILLed MPI rank leaves its MPICH segment in /dev/shm: removed once nobody holds it.
+    held = shared_memory_files([proc.pid, *(p.pid for p in descendants)])
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -215,6 +217,7 @@ def kill_session(proc: subprocess.Popen, *, marker: str | None = None,
         descendants = [p for p in descendants if not _gone(p)]
         if descendants:
             time.sleep(0.01)
+    remove_unheld_shared_memory(held)
 
 
 def _gone(process) -> bool:
