@@ -55,7 +55,7 @@ def wait_ready(proc: subprocess.Popen, ready: Path, ranks: int) -> list[dict]:
         if proc.poll() is not None:
             pytest.fail(f"the job exited {proc.returncode} before it was ready: "
                         f"{proc.stdout.read().decode(errors='replace')[-3000:]}")
-        time.sleep(0.2)  # polling the readiness records, against a deadline
+        time.sleep(0.2)  # ok-sleep: polling the readiness records, against a deadline
     pytest.fail(f"only {len(list(ready.glob('rank-*.json')))} of {ranks} ranks ready")
 
 
@@ -115,7 +115,7 @@ def test_attach_names_the_rank_that_wandered_off_leaves_the_job_then_ends_it(tmp
         assert proc.wait(timeout=60) is not None
         gone_by = time.monotonic() + 60
         while any(alive(pid) for pid in pids) and time.monotonic() < gone_by:
-            time.sleep(0.1)  # the ended processes being reaped, against a deadline
+            time.sleep(0.1)  # ok-sleep: the ended processes being reaped, against a deadline
         assert not [pid for pid in pids if alive(pid)]
     finally:
         end(proc)
@@ -211,7 +211,7 @@ def test_usr1_to_a_watched_hung_job_writes_a_snapshot_and_the_hang_is_still_caug
         deadline = time.monotonic() + 120
         while not snapshot.exists() and time.monotonic() < deadline:
             assert watch.poll() is None, watch.stderr.read().decode(errors="replace")[-3000:]
-            time.sleep(0.2)  # watch writes it whole (renamed into place), against a deadline
+            time.sleep(0.2)  # ok-sleep: watch writes it whole (renamed into place); a deadline
         taken = json.loads(snapshot.read_text())
         assert taken["detector"] == "snapshot" and taken["hang"] is False, taken["reason"]
         assert {p["rank"] for p in taken["processes"] if p["role"] == "rank"} == {0, 1}
