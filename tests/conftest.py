@@ -48,6 +48,19 @@ def no_process_left_behind(monkeypatch):
         f"{p.pid} {' '.join(p.cmdline()) if p.is_running() else ''}" for p in left)
 
 
+def kill_tree(proc: subprocess.Popen, *, timeout: float = 60) -> list[psutil.Process]:
+    """A test's own cleanup of a job it started: SIGKILL to proc and all its descendants,
+    reaped; returns those still alive after `timeout` (killed is not yet gone)."""
+    procs = []
+    with contextlib.suppress(psutil.Error):
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    proc.wait(timeout=timeout)
+    return psutil.wait_procs(procs, timeout=timeout)[1]
+
+
 @contextlib.contextmanager
 def removing_left_shared_memory():
     """Around a job whose MPI ranks are killed or abort, outside watch: MPICH removes its

@@ -8,7 +8,6 @@ own looks over --timeout see a rank or worker still on its way into its wait arr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import simnodes
-from conftest import PROGRAMS, mpiexec
+from conftest import PROGRAMS, kill_tree, mpiexec
 
 from hangkit.launcher import free_port
 
@@ -61,14 +60,7 @@ def wait_ready(proc: subprocess.Popen, ready: Path, ranks: int) -> list[dict]:
 
 def end(proc: subprocess.Popen) -> None:
     """The test's own cleanup: the job's whole tree."""
-    procs = []
-    with contextlib.suppress(psutil.Error):
-        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    proc.wait(timeout=60)
-    psutil.wait_procs(procs, timeout=60)
+    kill_tree(proc)
     proc.stdout.close()
 
 

@@ -15,9 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import mpiexec, program, removing_left_shared_memory
+from conftest import kill_tree, mpiexec, program, removing_left_shared_memory
 from test_watch_hangs import HANG, assert_all_gone, kinds
 
 from hangkit.launcher import free_port
@@ -126,19 +125,11 @@ def ranks_reporting_to(monitor: Monitor, command: list[str], extra_env: dict | N
 
 def _ranks(command: list[str], env: dict):
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    job: list[psutil.Process] = []
     try:
         yield proc
     finally:
-        with contextlib.suppress(psutil.Error):
-            job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        for p in job:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        proc.wait(timeout=10)
+        alive = kill_tree(proc, timeout=10)
         proc.stderr.close()
-        # Killed is not yet gone: wait until every process has really exited.
-        gone, alive = psutil.wait_procs(job, timeout=10)
         assert not alive, f"could not end {alive}"
 
 
